@@ -1,0 +1,107 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the spec model.
+
+Kubernetes wants a *structural* schema: no $ref, a type on every node, no anyOf for optional
+fields. Pydantic's JSON schema is turned into that here: references inlined, ``X | None``
+collapsed to X, titles dropped, defaults moved into the description (so the API server does not
+write every default into stored objects, and ``kubectl explain`` still shows them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+
+PLURAL = "finetunejobs"
+CRD_FILE = f"crds/{PLURAL}.{API_GROUP}.yaml"
+
+
+def _structural(node: Any, defs: dict) -> Any:
+    if isinstance(node, list):
+        return [_structural(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].split("/")[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs)
+    node = dict(node)
+    options = node.pop("anyOf", None)
+    if options is not None:
+        real = [o for o in options if o.get("type") != "null"]
+        if len(real) == 1:
+            return _structural({**real[0], **node}, defs)
+        elif all(o.get("type") in ("string", "array") for o in real):
+            # str | list[str] has no structural type; accept any value, the model validates it.
+            node["x-kubernetes-preserve-unknown-fields"] = True
+        else:
+            raise ValueError(f"cannot express {options} in a structural schema")
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("title", "$defs", "default") or (key == "additionalProperties" and not isinstance(value, dict)):
+            continue  # extra="forbid" gives additionalProperties: false, which structural schemas reject
+        if key == "properties":
+            out[key] = {name: _structural(v, defs) for name, v in value.items()}
+        else:
+            out[key] = _structural(value, defs)
+    default = node.get("default")
+    if default is not None and not isinstance(default, (dict, list)):
+        shown = str(default).lower() if isinstance(default, bool) else default
+        out["description"] = f"{out.get('description', '').rstrip()} Default: {shown}.".strip()
+    if "const" in out:  # not in Kubernetes' schema dialect
+        out["enum"] = [out.pop("const")]
+    if "exclusiveMinimum" in out:  # OpenAPI v3.0 form
+        out["minimum"], out["exclusiveMinimum"] = out.pop("exclusiveMinimum"), True
+    if "exclusiveMaximum" in out:
+        out["maximum"], out["exclusiveMaximum"] = out.pop("exclusiveMaximum"), True
+    return out
+
+
+def spec_schema() -> dict:
+    raw = FineTuneJobSpec.model_json_schema(by_alias=True)
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def crd() -> dict:
+    printer = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
+        {"name": "Train Loss", "type": "number", "jsonPath": ".status.progress.metrics.train_loss"},
+        {"name": "Valid Loss", "type": "number", "jsonPath": ".status.progress.metrics.valid_loss"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    schema = {
+        "type": "object",
+        "description": "A fine-tuning job: data in, a tuned chat model out.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema(),
+            "status": {
+                "type": "object",
+                "description": "Observed state, written by the operator and the trainer.",
+                "x-kubernetes-preserve-unknown-fields": True,
+            },
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{API_GROUP}"},
+        "spec": {
+            "group": API_GROUP,
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": "finetunejob",
+                      "shortNames": ["ftj"], "categories": ["kubetune"]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": API_VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": printer,
+                "schema": {"openAPIV3Schema": schema},
+            }],
+        },
+    }

@@ -1,0 +1,125 @@
+"""Base models and tokenizers: hf:// ids, s3:// or local Hugging Face folders, or from a config.
+
+No model hub is reachable in tests, so ``fromConfig`` builds a small Llama from a size preset and
+trains a byte-level BPE tokenizer on the job's own (cleaned, PII-scrubbed) data. The loading code
+for real models is the ordinary ``from_pretrained`` path.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from kubetune.spec import FineTuneJob, FromConfig
+from kubetune.storage import download_tree, is_s3
+
+# ChatML, the template Qwen and many others use; <|im_end|> ends a turn and is the EOS token.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+SIZE_PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8),
+    "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+}
+
+
+class ModelError(Exception):
+    """The base model cannot be found or loaded."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts``, with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def config_for(fc: FromConfig, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        **SIZE_PRESETS[fc.size],
+    )
+
+
+def resolve_source(job: FineTuneJob, cache_dir: Path | None = None) -> str:
+    """A path or hub id that ``from_pretrained`` accepts; s3:// models are downloaded first."""
+    model = job.spec.model
+    if model.from_job is not None:
+        raise ModelError(
+            f"model.fromJob '{model.from_job}' is resolved by the operator; locally, set model.source "
+            "to that job's output model (OUTPUT/model)"
+        )
+    source = model.source or ""
+    if source.startswith("hf://"):
+        return source.removeprefix("hf://")
+    if is_s3(source):
+        target = Path(cache_dir or tempfile.mkdtemp(prefix="kubetune-model-"))
+        download_tree(source, target, job.spec.storage)
+        return str(target)
+    if not Path(source).is_dir():
+        raise ModelError(f"model.source: {source} is not a folder (expected hf://, s3:// or a local model folder)")
+    return source
+
+
+def load_tokenizer(job: FineTuneJob, texts: Iterable[str] | None = None, cache_dir: Path | None = None):
+    """The job's tokenizer: trained on ``texts`` for fromConfig, else the base model's own."""
+    from transformers import AutoTokenizer
+
+    fc = job.spec.model.from_config
+    if fc is not None:
+        if texts is None:
+            raise ModelError("a fromConfig tokenizer is trained during preparation; pass the training texts")
+        return train_tokenizer(texts, fc.vocab_size)
+    source = resolve_source(job, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise ModelError(f"model.source: cannot load a tokenizer from {source}: {str(e).splitlines()[0]}") from None
+    if not tokenizer.chat_template:
+        raise ModelError(f"model.source: the tokenizer of {source} has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(job: FineTuneJob, tokenizer, source: str | None = None, dtype=None):
+    """The base causal LM: ``source`` (a resolved folder) or a fresh model from the config preset."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    fc = job.spec.model.from_config
+    if fc is not None and source is None:
+        torch.manual_seed(job.spec.training.seed)
+        return LlamaForCausalLM(config_for(fc, tokenizer)).to(dtype or torch.float32)
+    source = source or resolve_source(job)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
+    except OSError as e:
+        raise ModelError(f"model.source: cannot load a model from {source}: {str(e).splitlines()[0]}") from None
+

@@ -1,0 +1,266 @@
+"""The FineTuneJob spec: one typed model shared by the CLI, the operator and the trainer.
+
+The CRD's openAPIV3Schema is generated from these classes (see ``kubetune.crd``), so a field's
+``description`` is also what ``kubectl explain`` shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "kubetune.dev"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+
+PII_TYPES = ("email", "phone", "card", "iban", "ip", "ssn", "secret")
+PiiType = Literal["email", "phone", "card", "iban", "ip", "ssn", "secret"]
+DEFAULT_LEARNING_RATE = {"lora": 2.0e-4, "full": 2.0e-5}
+
+
+class _Model(BaseModel):
+    # camelCase in YAML like every Kubernetes API; unknown fields are errors, not silently ignored.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class FromConfig(_Model):
+    """Initialize a small model from a config (no model hub needed); the tokenizer is trained on the job's data."""
+
+    architecture: Literal["llama"] = Field("llama", description="Model architecture.")
+    size: Literal["tiny", "small", "base"] = Field(
+        "tiny", description="Size preset: tiny (~0.5M params), small (~10M), base (~100M)."
+    )
+    vocab_size: int = Field(2048, ge=256, le=65536, description="Vocabulary size of the tokenizer trained on the data.")
+
+
+class ModelSource(_Model):
+    """The base model. Exactly one of source, fromJob or fromConfig."""
+
+    source: str | None = Field(
+        None, description="hf://ORG/NAME, s3://bucket/prefix/ or a local folder holding a Hugging Face model."
+    )
+    from_job: str | None = Field(None, description="Start from the output model of a previous FineTuneJob.")
+    from_config: FromConfig | None = Field(None, description="Build a fresh small model from a config.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [n for n in ("source", "from_job", "from_config") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of source, fromJob, fromConfig")
+        return self
+
+
+class Dataset(_Model):
+    """Where the raw data is and how to read it."""
+
+    train: str = Field(description="s3://bucket/prefix/, s3://bucket/file.jsonl or a local file or folder.")
+    validation: str | None = Field(None, description="Held-out data; when absent, validationSplit of train is held out.")
+    validation_split: float = Field(0.1, gt=0, lt=0.5, description="Fraction of train held out for validation.")
+    format: Literal["auto", "chat", "instruction", "prompt_completion", "text"] = Field(
+        "auto", description="Record format; auto detects it per record."
+    )
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="Fail the job when more than this fraction of input lines is malformed."
+    )
+
+
+class Dedup(_Model):
+    """Exact and near-duplicate removal (MinHash + LSH)."""
+
+    exact: bool = Field(True, description="Drop examples whose normalized text is identical to an earlier one.")
+    near: bool = Field(True, description="Drop near duplicates found with MinHash LSH.")
+    near_threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity at or above which two examples are near duplicates.")
+    ngram: int = Field(3, ge=1, le=16, description="Word n-gram size of the MinHash shingles.")
+    num_perm: int = Field(128, ge=16, le=1024, description="Number of MinHash permutations.")
+
+
+class Pii(_Model):
+    """Personal-data scrubbing: matches are replaced with typed placeholders such as <EMAIL>."""
+
+    redact: list[PiiType] = Field(default_factory=lambda: list(PII_TYPES), description="PII types to redact.")
+    allow: list[str] = Field(
+        default_factory=list, description="Values that are never redacted, e.g. your own support address."
+    )
+
+
+class Preprocessing(_Model):
+    """Cleaning, filtering, deduplication, PII scrubbing, tokenization and packing."""
+
+    normalize: bool = Field(True, description="Unicode NFC, whitespace and control-character normalization.")
+    min_chars: int = Field(8, ge=0, description="Drop examples whose assistant text is shorter than this.")
+    max_repetition: float = Field(
+        0.5, gt=0, le=1, description="Drop examples where more than this fraction of word 3-grams are repeats."
+    )
+    dedup: Dedup = Field(default_factory=Dedup)
+    pii: Pii = Field(default_factory=Pii)
+    max_seq_length: int = Field(2048, ge=16, description="Longest sequence in tokens; longer examples are dropped.")
+    packing: bool = Field(True, description="Pack several examples into one sequence (attention stays within each example).")
+
+
+class Lora(_Model):
+    """LoRA adapter settings (method: lora only)."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt.")
+
+
+class Training(_Model):
+    """Fine-tuning hyperparameters."""
+
+    method: Literal["lora", "full"] = Field("lora", description="lora trains adapters; full trains every weight.")
+    epochs: int = Field(3, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default 2e-4 for lora, 2e-5 for full.")
+    global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step across all ranks.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward pass.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps of linear warmup before cosine decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    offload: bool = Field(False, description="Offload optimizer state to CPU (ZeRO 2/3).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    checkpoint_every: int = Field(200, ge=1, description="Save a checkpoint every this many steps (and at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="Keep only the newest this many complete checkpoints.")
+    eval_every: int = Field(50, ge=1, description="Compute validation metrics every this many steps (and at the end).")
+    seed: int = Field(42, description="Seed for data order, splitting and initialization.")
+    lora: Lora | None = Field(None, description="LoRA settings; defaults apply when method is lora.")
+
+    @model_validator(mode="after")
+    def _method_defaults(self) -> Training:
+        if self.lora is not None and self.method != "lora":
+            raise ValueError("lora settings are only allowed with method: lora")
+        if self.method == "lora" and self.lora is None:
+            self.lora = Lora()
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATE[self.method]
+        return self
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration passed through to the job's pods."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(_Model):
+    """Where training runs. gpusPerNode: 0 selects the CPU fallback."""
+
+    nodes: int = Field(1, ge=1, description="Training pods (one per node).")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs per pod; 0 trains on CPU with DeepSpeed's CPU accelerator.")
+    cpu: str | None = Field(None, description="CPU request per pod, e.g. '4'.")
+    memory: str | None = Field(None, description="Memory request per pod, e.g. '16Gi'.")
+    image: str | None = Field(None, description="Trainer image; the operator's default when absent.")
+    node_selector: dict[str, str] | None = Field(None, description="Node selector for the pods.")
+    tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pods.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+
+
+class Evaluation(_Model):
+    """Generation evaluation on held-out conversations at the end."""
+
+    samples: int = Field(50, ge=0, description="Held-out conversations to generate replies for.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated reply.")
+
+
+class Output(_Model):
+    """Where prepared data, checkpoints, reports and the final model go."""
+
+    uri: str = Field(description="s3://bucket/prefix/ or a local folder.")
+
+
+class Storage(_Model):
+    """How to reach S3-compatible object storage."""
+
+    endpoint: str | None = Field(None, description="Endpoint URL of an S3-compatible server (MinIO, Ceph); AWS when absent.")
+    region: str | None = Field(None, description="Region; us-east-1 when absent.")
+    credentials_secret: str | None = Field(
+        None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, given to the job's pods."
+    )
+
+
+class Serve(_Model):
+    """Serving the final model as an OpenAI-compatible endpoint."""
+
+    enabled: bool = Field(False, description="Deploy an endpoint after the job succeeds.")
+
+
+class FineTuneJobSpec(_Model):
+    """A fine-tuning job: data in, a tuned chat model out."""
+
+    model: ModelSource
+    dataset: Dataset
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    training: Training = Field(default_factory=Training)
+    resources: Resources = Field(default_factory=Resources)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    output: Output
+    storage: Storage = Field(default_factory=Storage)
+    serve: Serve = Field(default_factory=Serve)
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str | None = None
+
+
+class FineTuneJob(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    api_version: Literal["kubetune.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: Metadata
+    spec: FineTuneJobSpec
+
+
+class SpecError(Exception):
+    """A job file is unreadable or invalid; ``problems`` lists each one as 'field.path: message'."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # Model-level validators report loc ending at the object; list indices read as [i].
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(document)"
+
+
+def parse_job(doc: Any, source: str = "job") -> FineTuneJob:
+    """Validate a loaded YAML/JSON document; raises SpecError naming every bad field."""
+    if not isinstance(doc, dict):
+        raise SpecError(source, ["(document): expected a mapping with apiVersion, kind, metadata and spec"])
+    try:
+        return FineTuneJob.model_validate(doc)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{_field_path(err['loc'])}: {msg}")
+        raise SpecError(source, problems) from None
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """Read one FineTuneJob from a YAML file."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(str(path), [f"(file): {e.strerror}"]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(document)"
+        raise SpecError(str(path), [f"{where}: {getattr(e, 'problem', None) or e}"]) from None
+    return parse_job(doc, str(path))

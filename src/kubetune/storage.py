@@ -1,0 +1,221 @@
+"""One small interface over ``s3://bucket/key`` and local paths.
+
+S3 goes through boto3 with an optional custom endpoint (MinIO, Ceph, moto), credentials from the
+standard AWS chain (environment, ~/.aws) or a mounted Secret folder, standard retries, and managed
+(multipart) transfers. Every failure becomes a one-line ``StorageError`` without credentials in it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from kubetune.spec import Storage as StorageSpec
+
+# A Secret mounted as a volume: one file per key (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
+CREDENTIALS_DIR_ENV = "KUBETUNE_CREDENTIALS_DIR"
+_MULTIPART_BYTES = 64 * 1024 * 1024
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message is one line and safe to show."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or s3:// prefix."""
+    out = base
+    for part in parts:
+        out = out.rstrip("/") + "/" + part.lstrip("/")
+    return out
+
+
+class Store(Protocol):
+    def list(self, uri: str) -> list[str]: ...
+    def read_bytes(self, uri: str) -> bytes: ...
+    def write_bytes(self, uri: str, data: bytes) -> None: ...
+    def upload(self, local: Path, uri: str) -> None: ...
+    def download(self, uri: str, local: Path) -> None: ...
+    def exists(self, uri: str) -> bool: ...
+
+
+class LocalStore:
+    def list(self, uri: str) -> list[str]:
+        path = Path(uri)
+        if path.is_file():
+            return [str(path)]
+        if not path.exists():
+            raise StorageError(f"{uri}: no such file or folder")
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise StorageError(f"{uri}: folder has no files")
+        return files
+
+    def read_bytes(self, uri: str) -> bytes:
+        try:
+            return Path(uri).read_bytes()
+        except OSError as e:
+            raise StorageError(f"{uri}: {e.strerror}") from None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # readers never see a half-written file
+
+    def upload(self, local: Path, uri: str) -> None:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, uri)
+
+    def download(self, uri: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(uri, local)
+        except OSError as e:
+            raise StorageError(f"{uri}: {e.strerror}") from None
+
+    def exists(self, uri: str) -> bool:
+        return Path(uri).exists()
+
+
+def _split(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket in URI")
+    return bucket, key
+
+
+def _credentials_from_dir() -> dict[str, str]:
+    folder = os.environ.get(CREDENTIALS_DIR_ENV)
+    if not folder:
+        return {}
+    names = {"AWS_ACCESS_KEY_ID": "aws_access_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+             "AWS_SESSION_TOKEN": "aws_session_token"}
+    out = {}
+    for file_name, arg in names.items():
+        path = Path(folder) / file_name
+        if path.is_file():
+            out[arg] = path.read_text().strip()
+    return out
+
+
+class S3Store:
+    def __init__(self, spec: StorageSpec | None = None):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        spec = spec or StorageSpec()
+        self.endpoint = spec.endpoint or os.environ.get("AWS_ENDPOINT_URL")
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=spec.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            config=Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=120),
+            **_credentials_from_dir(),
+        )
+        self.transfer = TransferConfig(multipart_threshold=_MULTIPART_BYTES, multipart_chunksize=_MULTIPART_BYTES)
+
+    def _error(self, uri: str, exc: Exception) -> StorageError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        bucket = uri.removeprefix("s3://").partition("/")[0]
+        if isinstance(exc, NoCredentialsError):
+            return StorageError(f"{uri}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentialsSecret)")
+        if isinstance(exc, EndpointConnectionError):
+            return StorageError(f"{uri}: cannot reach S3 endpoint {self.endpoint or 'AWS'}")
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                return StorageError(f"{uri}: bucket '{bucket}' does not exist")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return StorageError(f"{uri}: no such object")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidClientTokenId", "403") or status == 403:
+                return StorageError(f"{uri}: access denied ({code or status}); check the storage credentials")
+            return StorageError(f"{uri}: S3 error {code or status}")
+        return StorageError(f"{uri}: {type(exc).__name__}")
+
+    def list(self, uri: str) -> list[str]:
+        bucket, key = _split(uri)
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        except Exception as e:
+            raise self._error(uri, e) from None
+        if key in keys and not key.endswith("/"):
+            return [uri]  # the URI names one object
+        prefix = key.rstrip("/") + "/" if key else ""
+        files = sorted(f"s3://{bucket}/{k}" for k in keys if k.startswith(prefix) and not k.endswith("/"))
+        if not files:
+            raise StorageError(f"{uri}: no objects under this prefix")
+        return files
+
+    def read_bytes(self, uri: str) -> bytes:
+        buf = io.BytesIO()
+        bucket, key = _split(uri)
+        try:
+            self.client.download_fileobj(bucket, key, buf, Config=self.transfer)
+        except Exception as e:
+            raise self._error(uri, e) from None
+        return buf.getvalue()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = _split(uri)
+        try:
+            self.client.upload_fileobj(io.BytesIO(data), bucket, key, Config=self.transfer)
+        except Exception as e:
+            raise self._error(uri, e) from None
+
+    def upload(self, local: Path, uri: str) -> None:
+        bucket, key = _split(uri)
+        try:
+            self.client.upload_file(str(local), bucket, key, Config=self.transfer)
+        except Exception as e:
+            raise self._error(uri, e) from None
+
+    def download(self, uri: str, local: Path) -> None:
+        bucket, key = _split(uri)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(bucket, key, str(local), Config=self.transfer)
+        except Exception as e:
+            raise self._error(uri, e) from None
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = _split(uri)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as e:
+            err = self._error(uri, e)
+            if "no such object" in str(err):
+                return False
+            raise err from None
+
+
+def store_for(uri: str, spec: StorageSpec | None = None) -> Store:
+    """The store that serves ``uri``."""
+    return S3Store(spec) if is_s3(uri) else LocalStore()
+
+
+def upload_tree(local_dir: Path, uri: str, spec: StorageSpec | None = None) -> None:
+    """Copy every file below ``local_dir`` to the prefix ``uri``."""
+    store = store_for(uri, spec)
+    for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        store.upload(path, join(uri, path.relative_to(local_dir).as_posix()))
+
+
+def download_tree(uri: str, local_dir: Path, spec: StorageSpec | None = None) -> None:
+    """Copy every object under the prefix ``uri`` into ``local_dir``."""
+    store = store_for(uri, spec)
+    root = uri.rstrip("/") + "/"
+    for file_uri in store.list(uri):
+        store.download(file_uri, Path(local_dir) / file_uri.removeprefix(root))

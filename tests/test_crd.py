@@ -1,0 +1,40 @@
+"""The CRD in crds/ is generated from the spec model; these tests catch drift and schemas the API server would reject."""
+
+import yaml
+
+from conftest import ROOT
+from kubetune.crd import CRD_FILE, crd
+
+
+def test_committed_crd_matches_the_spec_model():
+    committed = yaml.safe_load((ROOT / CRD_FILE).read_text())
+    assert committed == crd(), f"{CRD_FILE} is stale: regenerate with `kubetune crd > {CRD_FILE}`"
+
+
+def _walk(node, path="spec"):
+    yield path, node
+    for name, child in node.get("properties", {}).items():
+        yield from _walk(child, f"{path}.{name}")
+    if "items" in node:
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural_and_documented():
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for path, node in _walk(schema):
+        for banned in ("$ref", "anyOf", "const", "title", "$defs"):
+            assert banned not in node, f"{path} has {banned}"
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        if path.count(".") >= 2 and "[]" not in path and "{" not in path:
+            assert node.get("description"), f"{path} has no description for kubectl explain"
+
+
+def test_crd_names_and_status():
+    spec = crd()["spec"]
+    assert spec["names"]["shortNames"] == ["ftj"]
+    version = spec["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:2] == ["Phase", "Progress"]
+    assert "exactly one" in version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["model"]["description"].lower()

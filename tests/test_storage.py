@@ -1,0 +1,102 @@
+"""Storage against a real S3 protocol server (moto, server mode) reached only through boto3."""
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+
+from conftest import start_moto
+from kubetune.spec import Storage
+from kubetune.storage import CREDENTIALS_DIR_ENV, S3Store, StorageError, download_tree, store_for, upload_tree
+
+
+def test_prefix_lists_every_shard_and_a_key_names_one_file(s3, s3_server):
+    client, bucket = s3
+    for key in ("data/a.jsonl", "data/sub/b.jsonl.gz", "data/c.parquet", "data2/x.jsonl", "data/"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"{}\n")
+    store = S3Store(Storage(endpoint=s3_server))
+    assert store.list(f"s3://{bucket}/data/") == [f"s3://{bucket}/data/a.jsonl", f"s3://{bucket}/data/c.parquet",
+                                                  f"s3://{bucket}/data/sub/b.jsonl.gz"]
+    assert store.list(f"s3://{bucket}/data") == store.list(f"s3://{bucket}/data/")  # data2/ is not under data/
+    assert store.list(f"s3://{bucket}/data/a.jsonl") == [f"s3://{bucket}/data/a.jsonl"]
+
+
+def test_round_trip_and_multipart(s3, s3_server, tmp_path):
+    client, bucket = s3
+    store = S3Store(Storage(endpoint=s3_server))
+    store.write_bytes(f"s3://{bucket}/x/small.bin", b"hello")
+    assert store.read_bytes(f"s3://{bucket}/x/small.bin") == b"hello"
+    assert store.exists(f"s3://{bucket}/x/small.bin") and not store.exists(f"s3://{bucket}/x/none")
+
+    mib = 1024 * 1024
+    store.transfer = TransferConfig(multipart_threshold=5 * mib, multipart_chunksize=5 * mib)
+    big = tmp_path / "big.bin"
+    payload = bytes(range(256)) * (11 * mib // 256)
+    big.write_bytes(payload)
+    store.upload(big, f"s3://{bucket}/x/big.bin")
+    etag = client.head_object(Bucket=bucket, Key="x/big.bin")["ETag"]
+    assert etag.strip('"').endswith("-3"), f"expected a 3-part multipart upload, ETag {etag}"
+    store.download(f"s3://{bucket}/x/big.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == payload
+
+
+def test_trees_copy_both_ways(s3, s3_server, tmp_path):
+    _, bucket = s3
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "one.txt").write_text("1")
+    (src / "two.txt").write_text("2")
+    spec = Storage(endpoint=s3_server)
+    upload_tree(src, f"s3://{bucket}/tree/", spec)
+    download_tree(f"s3://{bucket}/tree/", tmp_path / "dst", spec)
+    assert (tmp_path / "dst" / "a" / "one.txt").read_text() == "1"
+    assert (tmp_path / "dst" / "two.txt").read_text() == "2"
+
+
+def test_clear_one_line_errors(s3, s3_server):
+    _, bucket = s3
+    store = S3Store(Storage(endpoint=s3_server))
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist") as e:
+        store.list("s3://no-such-bucket/data/")
+    assert "\n" not in str(e.value)
+    with pytest.raises(StorageError, match="no objects under this prefix"):
+        store.list(f"s3://{bucket}/empty/")
+    with pytest.raises(StorageError, match="no such object"):
+        store.read_bytes(f"s3://{bucket}/missing.jsonl")
+    with pytest.raises(StorageError, match="cannot reach S3 endpoint"):
+        S3Store(Storage(endpoint="http://127.0.0.1:9")).list(f"s3://{bucket}/x")
+
+
+def test_wrong_credentials_are_reported_without_the_secret(monkeypatch):
+    # A second moto server with authentication on from the first request: unknown keys are refused.
+    proc, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+        with pytest.raises(StorageError, match="access denied") as e:
+            S3Store(Storage(endpoint=url)).list("s3://bucket/data/")
+        assert "very-secret-value" not in str(e.value) and "\n" not in str(e.value)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_credentials_from_a_mounted_secret_folder(s3, s3_server, tmp_path, monkeypatch):
+    _, bucket = s3
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "AWS_ACCESS_KEY_ID").write_text("mounted-key\n")
+    (secret / "AWS_SECRET_ACCESS_KEY").write_text("mounted-secret\n")
+    monkeypatch.setenv(CREDENTIALS_DIR_ENV, str(secret))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store = S3Store(Storage(endpoint=s3_server))
+    assert store.client._request_signer._credentials.access_key == "mounted-key"
+    store.write_bytes(f"s3://{bucket}/k", b"v")
+    assert store.read_bytes(f"s3://{bucket}/k") == b"v"
+
+
+def test_local_paths(tmp_path):
+    store = store_for(str(tmp_path))
+    store.write_bytes(str(tmp_path / "d" / "f.jsonl"), b"x")
+    assert store.list(str(tmp_path / "d")) == [str(tmp_path / "d" / "f.jsonl")]
+    with pytest.raises(StorageError, match="no such file or folder"):
+        store.list(str(tmp_path / "nope"))
