@@ -81,13 +81,13 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
     # Validation first, so a training example that repeats a validation one is the one dropped.
     sources = ([(spec.dataset.validation, "validation")] if spec.dataset.validation else []) + [(spec.dataset.train, None)]
     for uri, split in sources:
-        examples += _read_examples(job, uri, split, report, scrubber, log)
+        examples += read_examples(job, uri, split, report, scrubber, log)
     bad = sum(report.bad_by_reason.values())
     report.pii = scrubber.counts
     _check_bad_fraction(report, bad, spec.dataset.max_bad_fraction)
     log(f"[prepare] {len(examples)} examples after cleaning, {bad} bad lines ({_elapsed(started)})")
 
-    examples, dup = _dedup(examples, pre, spec.training.seed, report)
+    examples, dup = dedup(examples, pre, spec.training.seed, report)
     log(f"[prepare] duplicates: {dup['exact']} exact, {dup['near']} near; {len(examples)} left ({_elapsed(started)})")
     if not examples:
         raise PrepareError(f"no examples left after cleaning and dedup (dropped: {_reasons(report.dropped)})")
@@ -120,7 +120,7 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
     return data_report
 
 
-def _read_examples(job, uri, split, report, scrubber, log) -> list[Example]:
+def read_examples(job, uri, split, report, scrubber, log) -> list[Example]:
     spec = job.spec
     store = store_for(uri, spec.storage)
     files = store.list(uri)
@@ -169,7 +169,7 @@ def _check_bad_fraction(report: Report, bad: int, limit: float) -> None:
     )
 
 
-def _dedup(examples: list[Example], pre, seed: int, report: Report) -> tuple[list[Example], dict]:
+def dedup(examples: list[Example], pre, seed: int, report: Report) -> tuple[list[Example], dict]:
     dup = {"exact": 0, "near": 0}
     for e in examples:
         e.text = conversation_text(e.messages)
