@@ -71,18 +71,31 @@ def _phone_ok(m: str) -> bool:
     return 7 <= sum(c.isdigit() for c in m) <= 15 and not _DATE.fullmatch(m)
 
 
-# (type, pattern, extra check) in the order they are applied.
-_RULES: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
-    ("secret", _SECRETS, None),
-    ("email", _EMAIL, None),
-    ("iban", _IBAN, iban_ok),
-    ("card", _CARD, _card_ok),
-    ("ssn", _SSN, None),
-    ("ip", _IPV6, _ipv6_ok),
-    ("ip", _IPV4, None),
-    ("phone", _PHONE, _phone_ok),
+_SECRET_HINTS = ("-----BEGIN", "AKIA", "ASIA", "Bearer ", "ghp_", "gho_", "ghs_", "github_pat_", "sk-", "xox")
+
+
+def _secret_hint(t: str) -> bool:
+    return any(h in t for h in _SECRET_HINTS) or "aws_secret_access_key" in t.lower()
+
+
+def _has_digit(t: str) -> bool:
+    return _DIGIT.search(t) is not None
+
+
+_DIGIT = re.compile(r"\d")
+
+# (type, pattern, extra check on a match, cheap test that a text could match at all), in the
+# order they are applied. The cheap tests skip most regexes on most texts.
+_RULES: list[tuple[str, re.Pattern, Callable[[str], bool] | None, Callable[[str], bool]]] = [
+    ("secret", _SECRETS, None, _secret_hint),
+    ("email", _EMAIL, None, lambda t: "@" in t),
+    ("iban", _IBAN, iban_ok, _has_digit),
+    ("card", _CARD, _card_ok, _has_digit),
+    ("ssn", _SSN, None, lambda t: "-" in t),
+    ("ip", _IPV6, _ipv6_ok, lambda t: ":" in t),
+    ("ip", _IPV4, None, lambda t: "." in t),
+    ("phone", _PHONE, _phone_ok, _has_digit),
 ]
-_DIGIT_FREE_TYPES = {"secret", "email"}  # every other rule needs a digit to match
 
 
 class Scrubber:
@@ -92,11 +105,9 @@ class Scrubber:
         self.counts: Counter[str] = Counter()
 
     def scrub(self, text: str) -> str:
-        has_digit = any(c.isdigit() for c in text)
-        for kind, pattern, check in self.rules:
-            if not has_digit and kind not in _DIGIT_FREE_TYPES:
-                continue
-            text = pattern.sub(self._replacer(kind, check), text)
+        for kind, pattern, check, could_match in self.rules:
+            if could_match(text):
+                text = pattern.sub(self._replacer(kind, check), text)
         return text
 
     def _replacer(self, kind: str, check: Callable[[str], bool] | None) -> Callable[[re.Match], str]:
