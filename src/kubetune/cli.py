@@ -15,21 +15,59 @@ def _validate(args) -> int:
     return 0
 
 
-def _prepare(args) -> int:
-    from kubetune.data.prepare import prepare, summary
-
+def _load(args):
     job = load_job(args.job)
     if args.output:
         job.spec.output.uri = args.output
+    return job
+
+
+def _prepare_job(job) -> None:
+    from kubetune.data.prepare import prepare, summary
+
     report = prepare(job)
     print(f"\nData report for '{job.metadata.name}' ({job.spec.output.uri}/data_report.json):")
-    print(summary(report))
+    print(summary(report), flush=True)
+
+
+def _prepare(args) -> int:
+    _prepare_job(_load(args))
     return 0
 
 
+def _train_job(job, nproc: int) -> int:
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from kubetune.train.launch import cpu_threads_env, torchrun_command
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="kubetune-job-", delete=False) as f:
+        json.dump(job.model_dump(mode="json", by_alias=True, exclude_none=True), f)
+    try:
+        env = {**os.environ, **cpu_threads_env(nproc)}
+        return subprocess.run(torchrun_command(f.name, nproc), env=env).returncode
+    finally:
+        os.unlink(f.name)
+
+
+def _train(args) -> int:
+    from kubetune.train.launch import default_nproc
+
+    return _train_job(_load(args), args.nproc or default_nproc())
+
+
 def _run(args) -> int:
-    print("kubetune run: preparing the data; the training stage lands with the trainer.")
-    return _prepare(args)
+    from kubetune.train.launch import default_nproc
+
+    job = _load(args)
+    _prepare_job(job)
+    code = _train_job(job, args.nproc or default_nproc())
+    if code:
+        print(f"error: training failed (exit code {code}); rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+    return code
 
 
 def _crd(args) -> int:
@@ -48,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("job")
     p.set_defaults(func=_validate)
     for name, func, text in (("prepare", _prepare, "clean, dedup, scrub and tokenize the job's data"),
-                             ("run", _run, "run the whole job on this machine")):
+                             ("train", _train, "train on already prepared data (resumes from the last checkpoint)"),
+                             ("run", _run, "run the whole job on this machine: prepare, train, validate")):
         p = sub.add_parser(name, help=text)
         p.add_argument("job")
         p.add_argument("--output", help="override spec.output.uri")
+        if name != "prepare":
+            p.add_argument("--nproc", type=int, help="training processes (default: GPUs, else 2 on CPU)")
         p.set_defaults(func=func)
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     p.set_defaults(func=_crd)

@@ -43,6 +43,7 @@ class Store(Protocol):
     def upload(self, local: Path, uri: str) -> None: ...
     def download(self, uri: str, local: Path) -> None: ...
     def exists(self, uri: str) -> bool: ...
+    def delete_prefix(self, uri: str) -> None: ...
 
 
 class LocalStore:
@@ -83,6 +84,9 @@ class LocalStore:
 
     def exists(self, uri: str) -> bool:
         return Path(uri).exists()
+
+    def delete_prefix(self, uri: str) -> None:
+        shutil.rmtree(uri, ignore_errors=True)
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -199,6 +203,19 @@ class S3Store:
             if "no such object" in str(err):
                 return False
             raise err from None
+
+
+    def delete_prefix(self, uri: str) -> None:
+        bucket, key = _split(uri)
+        prefix = key.rstrip("/") + "/"
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for page in pages:
+                objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if objects:
+                    self.client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
+        except Exception as e:
+            raise self._error(uri, e) from None
 
 
 def store_for(uri: str, spec: StorageSpec | None = None) -> Store:

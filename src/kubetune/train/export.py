@@ -1,0 +1,43 @@
+"""The final model in Hugging Face format (safetensors), with its tokenizer and chat template.
+
+Weights are gathered on rank 0 (ZeRO-3 partitions are consolidated first) and loaded into a fresh
+CPU copy of the same architecture, which is what gets saved. For LoRA the adapter is saved as is
+(``adapter/``) and merged into the base for ``model/``, so ``from_pretrained`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kubetune.spec import FineTuneJob
+from kubetune.storage import is_s3, upload_tree
+
+
+def export_model(engine, job: FineTuneJob, tokenizer, source: str | None, dtype: torch.dtype, scratch: Path) -> None:
+    from kubetune.train.recipe import build_model
+
+    if job.spec.training.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
+    else:
+        state = engine.module.state_dict() if dist.get_rank() == 0 else None
+    if dist.get_rank() == 0:
+        out = job.spec.output.uri
+        folder = scratch / "export" if is_s3(out) else Path(out)
+        fresh = build_model(job, tokenizer, source, dtype)
+        missing, unexpected = fresh.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
+        tied = {k for k in missing if "lm_head" in k or "embed_tokens" in k}
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"exported weights do not match the model: missing {missing}, unexpected {unexpected}")
+        if job.spec.training.method == "lora":
+            fresh.save_pretrained(folder / "adapter")
+            tokenizer.save_pretrained(folder / "adapter")
+            fresh = fresh.merge_and_unload()
+        fresh.config.use_cache = True
+        fresh.save_pretrained(folder / "model", safe_serialization=True)
+        tokenizer.save_pretrained(folder / "model")
+        if is_s3(out):
+            upload_tree(folder, out, job.spec.storage)
+    dist.barrier()

@@ -1,0 +1,79 @@
+"""Training metrics as people like to read them: metrics.csv, TensorBoard events and a loss-curve PNG.
+
+Everything is written under a local folder (the output itself, or scratch for s3:// outputs, then
+copied with ``publish``). On resume, rows after the resumed step are dropped so the files read like
+one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+COLUMNS = ["step", "epoch", "train_loss", "train_accuracy", "learning_rate", "tokens_per_second",
+           "valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "batch"]
+
+
+class MetricsLog:
+    def __init__(self, folder: Path, resume_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.csv_path = folder / "metrics.csv"
+        self.rows = [r for r in self._read() if int(r["step"]) <= resume_step]
+        self._rewrite()
+        # purge_step drops events a killed run logged after the checkpoint we resume from
+        self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def _read(self) -> list[dict]:
+        if not self.csv_path.exists():
+            return []
+        with open(self.csv_path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _rewrite(self) -> None:
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def log(self, row: dict) -> None:
+        row = {k: row.get(k, "") for k in COLUMNS}
+        self.rows.append(row)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
+        for key in COLUMNS[2:-1]:
+            if row[key] not in ("", None):
+                self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "valid")) else key,
+                                   float(row[key]), int(row["step"]))
+        self.tb.flush()
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def series(key):
+            pts = [(int(r["step"]), float(r[key])) for r in self.rows if r.get(key) not in ("", None)]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+        for key, style in (("train_loss", "-"), ("valid_loss", "o-")):
+            ax_loss.plot(*series(key), style, label=key.replace("_", " "))
+        for key, style in (("train_accuracy", "-"), ("valid_mean_token_accuracy", "o-")):
+            ax_acc.plot(*series(key), style, label=key.replace("_", " "))
+        ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
+        ax_acc.set(xlabel="step", ylabel="token accuracy", title="Assistant-token accuracy")
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = self.folder / "loss_curve.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        self.tb.close()
