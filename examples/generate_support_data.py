@@ -183,14 +183,23 @@ def _conversation(rng: random.Random, topic: str) -> dict:
     if rng.random() < 0.25:
         user += " " + rng.choice(PII_LINES).format(name_l=name.lower(), n=rng.randint(1, 99),
                                                    n4=rng.randint(1000, 9999), ip=rng.randint(1, 254))
-    reply = " ".join(rng.choice(options) for options in slots if rng.random() < 0.9 or options is slots[1])
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
-                {"role": "assistant", "content": f"Hi {name}! {reply}"}]
+                {"role": "assistant", "content": f"Hi {name}! {_reply(rng, slots)}"}]
     if rng.random() < 0.4:
         messages += [{"role": "user", "content": follow_q}, {"role": "assistant", "content": rng.choice(follow_a)}]
         if rng.random() < 0.3:  # an agent reply the team marked as not worth learning
             messages[2]["weight"] = 0
+    # Real support threads have a long tail: most end quickly, a few go on through several topics.
+    for _ in range(rng.choice([0, 0, 0, 0, 1, 1, 2, 3, 5])):
+        other_asks, other_slots, _, _ = TOPICS[rng.choice(list(TOPICS))]
+        ask = rng.choice(other_asks).format(device=rng.choice(DEVICES), plan=rng.choice(PLANS))
+        messages += [{"role": "user", "content": f"{rng.choice(['One more thing:', 'Also,', 'Another question:'])} {ask}"},
+                     {"role": "assistant", "content": _reply(rng, other_slots)}]
     return {"messages": messages}
+
+
+def _reply(rng: random.Random, slots: list[list[str]]) -> str:
+    return " ".join(rng.choice(options) for options in slots if rng.random() < 0.9 or options is slots[1])
 
 
 def _near_duplicate(rng: random.Random, conv: dict) -> dict:

@@ -6,6 +6,7 @@ import torch
 
 from kubetune.models import config_for
 from kubetune.spec import FromConfig
+from kubetune.train import attention
 from kubetune.train.data import IGNORE, Rows, collate, token_stats
 from kubetune.train.plan import PlanError, fingerprint, make_plan, rank_micro_batches, step_rows
 from kubetune.train.recipe import warmup_cosine
@@ -46,7 +47,7 @@ def test_warmup_then_cosine_to_zero():
 
 
 def test_packed_documents_do_not_see_each_other():
-    """Logits of a packed row equal those of each document run alone (block-diagonal 4-D mask)."""
+    """Logits of a packed row equal those of each document run alone (document-wise attention)."""
     from transformers import LlamaForCausalLM
 
     class Tok:
@@ -57,15 +58,18 @@ def test_packed_documents_do_not_see_each_other():
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(config_for(FromConfig(size="tiny"), Tok())).eval()
+    model.set_attn_implementation(attention.register())
     a, b = list(range(5, 17)), list(range(20, 29))
     rows = Rows(input_ids=[a + b, a], labels=[a + b, a], doc_lens=[[len(a), len(b)], [len(a)]])
     with torch.no_grad():
         packed = model(**{k: v for k, v in collate(rows, [0, 1], pad_id=0).items() if k != "labels"}).logits
         alone_a = model(torch.tensor([a])).logits
         alone_b = model(torch.tensor([b])).logits
+        mixed = model(torch.tensor([a + b])).logits  # without doc_lens: one causal sequence
     assert torch.allclose(packed[0, : len(a)], alone_a[0], atol=1e-5)
     assert torch.allclose(packed[0, len(a) :], alone_b[0], atol=1e-5)
     assert torch.allclose(packed[1, : len(a)], alone_a[0], atol=1e-5)  # row 1 is padded; pads change nothing
+    assert not torch.allclose(mixed[0, len(a) :], alone_b[0], atol=1e-3)  # the check can fail
 
 
 def test_token_stats_count_only_labeled_next_tokens():

@@ -67,7 +67,16 @@ def _run(args) -> int:
     if code:
         print(f"error: training failed (exit code {code}); rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
-    return code
+        return code
+    from kubetune.storage import join
+
+    out = job.spec.output.uri
+    print(f"\nJob '{job.metadata.name}' finished. In {out}:")
+    for name, what in (("model/", "fine-tuned model (Hugging Face format)"), ("data_report.json", "data report"),
+                       ("metrics.csv", "metrics per step"), ("loss_curve.png", "loss curve"),
+                       ("tensorboard/", "TensorBoard events")):
+        print(f"  {join(out, name):50s} {what}")
+    return 0
 
 
 def _crd(args) -> int:

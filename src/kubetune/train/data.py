@@ -1,78 +1,77 @@
 """Prepared shards in, model-ready tensors out.
 
-Packed rows carry ``doc_lens``. Collation turns them into per-document position ids and a
-block-diagonal causal attention mask (4-D, additive), so a token attends only to earlier tokens of
-its own document. Position ids alone do not isolate documents under sdpa or eager attention; the
-4-D mask does (checked against the documents run alone in tests/test_train_data.py).
+Packed rows carry ``doc_lens``. Collation gives per-document position ids and passes the layout
+on as ``doc_lens``, which ``kubetune.train.attention`` uses to attend within each document only.
+(Position ids alone do not isolate documents under sdpa or eager attention.) Isolation is checked
+against the documents run alone in tests/test_train_data.py.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 IGNORE = -100
 
 
-@dataclass
 class Rows:
-    input_ids: list[list[int]]
-    labels: list[list[int]]
-    doc_lens: list[list[int]]
+    """Packed rows as arrays, with per-row counts precomputed so each step does no Python loops over tokens."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[list[int]], doc_lens: list[list[int]]):
+        self.input_ids = [np.asarray(r, dtype=np.int64) for r in input_ids]
+        self.labels = [np.asarray(r, dtype=np.int64) for r in labels]
+        self.positions = [np.concatenate([np.arange(n) for n in lens]) for lens in doc_lens]
+        self.doc_lens = [list(lens) for lens in doc_lens]
+        self.lengths = np.array([len(r) for r in self.input_ids])
+        # A label predicts the token after it, so a row's first label never counts.
+        self.trained = np.array([int((r[1:] != IGNORE).sum()) for r in self.labels])
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def label_tokens(self, idx) -> int:
-        """Trained tokens in the given rows (a label predicts the token after it, so the first never counts)."""
-        return sum(sum(1 for x in self.labels[i][1:] if x != IGNORE) for i in idx)
+        return int(self.trained[np.asarray(idx, dtype=np.int64)].sum())
 
     def tokens(self, idx) -> int:
-        return sum(len(self.input_ids[i]) for i in idx)
+        return int(self.lengths[np.asarray(idx, dtype=np.int64)].sum())
 
 
 def load_rows(prepared: Path, split: str) -> Rows:
     meta = json.loads((prepared / "prepared" / "meta.json").read_text())
     tables = [pq.read_table(prepared / f).to_pydict() for f in meta[split]["files"]]
-    cols = {k: [v for t in tables for v in t[k]] for k in ("input_ids", "labels", "doc_lens")}
-    return Rows(**cols)
+    return Rows(**{k: [v for t in tables for v in t[k]] for k in ("input_ids", "labels", "doc_lens")})
 
 
-def collate(rows: Rows, idx, pad_id: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    idx = list(idx)
-    length = max(len(rows.input_ids[i]) for i in idx)
+def collate(rows: Rows, idx, pad_id: int) -> dict:
+    idx = [int(i) for i in idx]
+    length = int(rows.lengths[idx].max())
     n = len(idx)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    labels = torch.full((n, length), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((n, length), dtype=torch.long)
-    doc = torch.empty((n, length), dtype=torch.long)
+    input_ids = np.full((n, length), pad_id, dtype=np.int64)
+    labels = np.full((n, length), IGNORE, dtype=np.int64)
+    position_ids = np.zeros((n, length), dtype=np.int64)
     for b, i in enumerate(idx):
-        ids = rows.input_ids[i]
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(ids)] = torch.tensor(rows.labels[i])
-        pos, owner = [], []
-        for d, size in enumerate(rows.doc_lens[i]):
-            pos += range(size)
-            owner += [d] * size
-        position_ids[b, : len(ids)] = torch.tensor(pos)
-        doc[b, : len(ids)] = torch.tensor(owner)
-        doc[b, len(ids) :] = torch.arange(length - len(ids)) + 1_000_000  # each pad token is its own "document"
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    allowed = (doc[:, :, None] == doc[:, None, :]) & causal
-    mask = torch.zeros((n, 1, length, length), dtype=dtype)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+        size = rows.lengths[i]
+        input_ids[b, :size] = rows.input_ids[i]
+        labels[b, :size] = rows.labels[i]
+        position_ids[b, :size] = rows.positions[i]
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids), "doc_lens": [rows.doc_lens[i] for i in idx]}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """Summed next-token loss, correct predictions and count over labeled positions."""
+    # ignore_index instead of boolean selection: selecting rows makes backward an index_put.
     logits, target = logits[:, :-1].float(), labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
     keep = target != IGNORE
-    loss = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum")
-    correct = int((logits[keep].argmax(-1) == target[keep]).sum())
+    correct = int(((logits.detach().argmax(-1) == target) & keep).sum())
     return loss, correct, int(keep.sum())
 

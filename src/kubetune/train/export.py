@@ -35,6 +35,7 @@ def export_model(engine, job: FineTuneJob, tokenizer, source: str | None, dtype:
             fresh.save_pretrained(folder / "adapter")
             tokenizer.save_pretrained(folder / "adapter")
             fresh = fresh.merge_and_unload()
+        fresh.set_attn_implementation("sdpa")  # the packed-row attention is for training only
         fresh.config.use_cache = True
         fresh.save_pretrained(folder / "model", safe_serialization=True)
         tokenizer.save_pretrained(folder / "model")

@@ -47,6 +47,8 @@ class MetricsLog:
             if row[key] not in ("", None):
                 self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "valid")) else key,
                                    float(row[key]), int(row["step"]))
+
+    def flush(self) -> None:
         self.tb.flush()
 
     def plot(self) -> Path:

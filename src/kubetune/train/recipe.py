@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import download_tree, is_s3, join, upload_tree
-from kubetune.train import checkpoint
-from kubetune.train.data import Rows, collate, load_rows, token_stats
+from kubetune.train import attention, checkpoint
+from kubetune.train.data import Rows, collate, load_rows, to_device, token_stats
 from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_batches, step_rows
 from kubetune.train.progress import reporter_for
 
@@ -58,6 +58,7 @@ def build_model(job: FineTuneJob, tokenizer, source: str | None, dtype: torch.dt
 
     t = job.spec.training
     model = load_model(job, tokenizer, source=source, dtype=dtype)
+    model.set_attn_implementation(attention.register())  # packed rows: attention within each document
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -72,17 +73,17 @@ def build_model(job: FineTuneJob, tokenizer, source: str | None, dtype: torch.dt
     return model
 
 
-def evaluate(engine, rows: Rows, rank: int, world: int, micro: int, pad_id: int, dtype) -> dict:
+def evaluate(engine, rows: Rows, rank: int, world: int, micro: int, pad_id: int) -> dict:
     """Validation loss, perplexity and mean token accuracy on assistant tokens, over all ranks."""
     engine.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     mine = list(range(rank, len(rows), world))
     with torch.no_grad():
         for i in range(0, len(mine), micro):
-            batch = {k: v.to(engine.device) for k, v in collate(rows, mine[i : i + micro], pad_id, dtype).items()}
+            batch = to_device(collate(rows, mine[i : i + micro], pad_id), engine.device)
             labels = batch.pop("labels")
             loss, correct, count = token_stats(engine(**batch).logits, labels)
-            totals += torch.tensor([float(loss), correct, count], dtype=torch.float64)
+            totals += torch.tensor([loss.item(), correct, count], dtype=torch.float64)
     engine.train()
     totals = totals.to(engine.device)
     dist.all_reduce(totals)
@@ -170,7 +171,7 @@ def train(job_file: str) -> None:
         label_tokens = train_rows.label_tokens(rows)
         step_stats = torch.zeros(3, dtype=torch.float64)
         for micro_rows in rank_micro_batches(rows, plan, rank):
-            batch = {k: v.to(engine.device) for k, v in collate(train_rows, micro_rows, tokenizer.pad_token_id, dtype).items()}
+            batch = to_device(collate(train_rows, micro_rows, tokenizer.pad_token_id), engine.device)
             labels = batch.pop("labels")
             loss_sum, correct, count = token_stats(engine(**batch).logits, labels)
             # DeepSpeed divides by accumulation steps and averages over ranks; undo both, so the
@@ -189,14 +190,16 @@ def train(job_file: str) -> None:
                "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": round(tokens_per_s, 1),
                "batch": fingerprint(rows)}
         if done % t.eval_every == 0 or done == plan.total_steps:
-            latest_metrics.update(evaluate(engine, valid_rows, rank, world, plan.micro, tokenizer.pad_token_id, dtype))
+            latest_metrics.update(evaluate(engine, valid_rows, rank, world, plan.micro, tokenizer.pad_token_id))
             row.update(latest_metrics)
         if metrics:
             metrics.log(row)
         eta = (plan.total_steps - done) * elapsed
         if done % t.checkpoint_every == 0 or done == plan.total_steps:
-            if rank == 0 and is_s3(out):
-                upload_tree(metrics.folder, out, storage)  # metrics travel with their checkpoint
+            if metrics:
+                metrics.flush()
+                if is_s3(out):
+                    upload_tree(metrics.folder, out, storage)  # metrics travel with their checkpoint
             latest_ckpt = checkpoint.save(engine, out, storage, scratch, done, {"step": done}, t.keep_checkpoints)
             report(done, "training", tokens_per_s, eta, force=True)
         else:
