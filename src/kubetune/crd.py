@@ -74,6 +74,10 @@ def crd() -> dict:
         "type": "object",
         "description": "A fine-tuning job: data in, a tuned chat model out.",
         "required": ["spec"],
+        "x-kubernetes-validations": [{
+            "rule": "size(self.metadata.name) <= 40",
+            "message": "metadata.name must be at most 40 characters (child objects and pod hostnames add suffixes)",
+        }],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

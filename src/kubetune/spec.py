@@ -40,6 +40,10 @@ class FromConfig(_Model):
 class ModelSource(_Model):
     """The base model. Exactly one of source, fromJob or fromConfig."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "[has(self.source), has(self.fromJob), has(self.fromConfig)].filter(x, x).size() == 1",
+        "message": "set exactly one of source, fromJob, fromConfig"}]})
+
     source: str | None = Field(
         None, description="hf://ORG/NAME, s3://bucket/prefix/ or a local folder holding a Hugging Face model."
     )
@@ -112,6 +116,10 @@ class Lora(_Model):
 
 class Training(_Model):
     """Fine-tuning hyperparameters."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "!has(self.lora) || !has(self.method) || self.method == 'lora'",
+        "message": "lora settings are only allowed with method: lora"}]})
 
     method: Literal["lora", "full"] = Field("lora", description="lora trains adapters; full trains every weight.")
     epochs: int = Field(3, ge=1, description="Passes over the training data.")
@@ -206,11 +214,16 @@ class FineTuneJobSpec(_Model):
     output: Output
     storage: Storage = Field(default_factory=Storage)
     serve: Serve = Field(default_factory=Serve)
+    suspend: bool = Field(False, description="Stop the running workload, keeping progress; false again resumes it.")
+    max_retries: int = Field(
+        3, ge=0, description="Times a failed training gang is restarted from the latest checkpoint before the job fails."
+    )
 
 
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    # 40, not 63: child names and pod hostnames add suffixes such as "-train-12-7".
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     namespace: str | None = None
 
 

@@ -42,7 +42,10 @@ class KubeStatusSink:
         return cls(name, namespace, f"https://{host}:{port}", SA_DIR / "token", SA_DIR / "ca.crt")
 
     def send(self, record: dict) -> None:
-        body = json.dumps({"status": {"progress": record}}).encode()
+        self.patch_status({"progress": record})
+
+    def patch_status(self, fragment: dict) -> None:
+        body = json.dumps({"status": fragment}).encode()
         request = urllib.request.Request(self.url, data=body, method="PATCH", headers={
             "Content-Type": "application/merge-patch+json",
             "Authorization": f"Bearer {self.token_file.read_text().strip()}",  # re-read: tokens rotate

@@ -1,0 +1,206 @@
+"""Pure builders of a FineTuneJob's child objects: plain data in, Kubernetes objects (dicts) out.
+
+No API calls here; ``kubetune.operator.reconcile`` decides which to create, the handlers create them.
+The operator never reads the storage Secret: pods get it by reference (``envFrom``).
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from kubetune.operator.settings import Settings
+from kubetune.spec import API_GROUP, FineTuneJob
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+JOB_LABEL = "kubetune.dev/job"
+MANAGED_BY = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune-operator"}
+CONFIG_DIR = "/etc/kubetune"
+JOB_FILE = f"{CONFIG_DIR}/job.yaml"
+SCRATCH = "/scratch"
+RANK_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def names(job_name: str) -> dict[str, str]:
+    return {
+        "config": f"{job_name}-job",
+        "account": f"{job_name}-trainer",
+        "role": f"{job_name}-progress",
+        "prepare": f"{job_name}-prepare",
+        "service": f"{job_name}-train",
+    }
+
+
+def training_job_name(job_name: str, attempt: int) -> str:
+    return f"{job_name}-train-{attempt}"
+
+
+def labels(job: FineTuneJob, component: str) -> dict[str, str]:
+    out = {**MANAGED_BY, "app.kubernetes.io/component": component, JOB_LABEL: job.metadata.name}
+    queue = (job.metadata.model_extra or {}).get("labels", {}).get(KUEUE_QUEUE_LABEL)
+    if queue:
+        out[KUEUE_QUEUE_LABEL] = queue
+    return out
+
+
+def _meta(job: FineTuneJob, name: str, component: str) -> dict:
+    return {"name": name, "namespace": job.metadata.namespace, "labels": labels(job, component)}
+
+
+def job_document(job: FineTuneJob, model_source: str | None = None) -> str:
+    """The job file the pods read: the same FineTuneJob document, with fromJob resolved to a URI."""
+    doc = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["metadata"] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
+    if model_source is not None:
+        doc["spec"]["model"] = {"source": model_source}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def config_map(job: FineTuneJob, model_source: str | None = None) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(job, names(job.metadata.name)["config"], "config"),
+            "data": {"job.yaml": job_document(job, model_source)}}
+
+
+def service_account(job: FineTuneJob) -> dict:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _meta(job, names(job.metadata.name)["account"], "rbac")}
+
+
+def progress_role(job: FineTuneJob) -> dict:
+    """The pods may read and patch the status of their own FineTuneJob, and nothing else."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": _meta(job, names(job.metadata.name)["role"], "rbac"),
+            "rules": [{"apiGroups": [API_GROUP], "resources": ["finetunejobs/status"],
+                       "resourceNames": [job.metadata.name], "verbs": ["get", "patch"]}]}
+
+
+def progress_role_binding(job: FineTuneJob) -> dict:
+    n = names(job.metadata.name)
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": _meta(job, n["role"], "rbac"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n["role"]},
+            "subjects": [{"kind": "ServiceAccount", "name": n["account"], "namespace": job.metadata.namespace}]}
+
+
+def headless_service(job: FineTuneJob) -> dict:
+    """Stable DNS for the gang: pod i is ``NAME-train-ATTEMPT-i.NAME-train``."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(job, names(job.metadata.name)["service"], "train"),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {JOB_LABEL: job.metadata.name, "app.kubernetes.io/component": "train"},
+                     "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500}]}}
+
+
+_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                 "seccompProfile": {"type": "RuntimeDefault"}}
+_CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                       "capabilities": {"drop": ["ALL"]}}
+
+
+def _env(job: FineTuneJob) -> list[dict]:
+    return [
+        {"name": "KUBETUNE_JOB_NAME", "value": job.metadata.name},
+        {"name": "KUBETUNE_JOB_NAMESPACE", "value": job.metadata.namespace},
+        {"name": "KUBETUNE_SCRATCH", "value": SCRATCH},
+        {"name": "HOME", "value": SCRATCH},  # the root filesystem is read-only
+        {"name": "HF_HOME", "value": f"{SCRATCH}/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def _env_from(job: FineTuneJob) -> list[dict]:
+    secret = job.spec.storage.credentials_secret
+    return [{"secretRef": {"name": secret}}] if secret else []
+
+
+def _pod_spec(job: FineTuneJob, container: dict, extra_volumes: list[dict] = ()) -> dict:
+    return {
+        "restartPolicy": "Never",
+        "serviceAccountName": names(job.metadata.name)["account"],
+        "securityContext": _POD_SECURITY,
+        "containers": [{
+            **container,
+            "securityContext": _CONTAINER_SECURITY,
+            "terminationMessagePolicy": "FallbackToLogsOnError",  # the last error line becomes the reason
+            "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                             {"name": "scratch", "mountPath": SCRATCH}] + container.get("volumeMounts", []),
+        }],
+        "volumes": [{"name": "config", "configMap": {"name": names(job.metadata.name)["config"]}},
+                    {"name": "scratch", "emptyDir": {}}, *extra_volumes],
+        **({"priorityClassName": job.spec.resources.priority_class_name} if job.spec.resources.priority_class_name else {}),
+    }
+
+
+def _job(job: FineTuneJob, name: str, component: str, pod_spec: dict, settings: Settings, **spec) -> dict:
+    meta = _meta(job, name, component)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {
+        "backoffLimit": 0,  # a failed pod fails the Job; the operator decides about retries
+        "ttlSecondsAfterFinished": settings.finished_ttl_seconds,
+        # Kueue admits a queued Job by unsuspending it; it must start suspended.
+        "suspend": KUEUE_QUEUE_LABEL in meta["labels"],
+        **spec,
+        "template": {"metadata": {"labels": meta["labels"]}, "spec": pod_spec},
+    }}
+
+
+def prepare_job(job: FineTuneJob, settings: Settings) -> dict:
+    """One CPU pod: read, clean, dedup, scrub, tokenize; writes shards and the data report."""
+    container = {
+        "name": "prepare",
+        "image": job.spec.resources.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["kubetune", "prepare", JOB_FILE],
+        "env": _env(job),
+        "envFrom": _env_from(job),
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}},
+    }
+    return _job(job, names(job.metadata.name)["prepare"], "prepare", _pod_spec(job, container), settings)
+
+
+def processes_per_node(job: FineTuneJob) -> int:
+    """One process per GPU; on CPU one per requested CPU (whole CPUs, at least one)."""
+    r = job.spec.resources
+    if r.gpus_per_node:
+        return r.gpus_per_node
+    try:
+        return max(1, int(float(r.cpu or "1")))
+    except ValueError:  # e.g. "500m"
+        return 1
+
+
+def training_command(job: FineTuneJob, attempt: int, settings: Settings) -> list[str]:
+    """torchrun on every pod; node rank from the completion index, rendezvous on pod 0."""
+    n = job.spec.resources.nodes
+    master = f"{training_job_name(job.metadata.name, attempt)}-0.{names(job.metadata.name)['service']}"
+    return ["torchrun", f"--nnodes={n}", f"--nproc-per-node={processes_per_node(job)}",
+            "--node-rank=$(NODE_RANK)", f"--master-addr={master}", f"--master-port={settings.master_port}",
+            "-m", "kubetune.train", JOB_FILE]
+
+
+def training_job(job: FineTuneJob, attempt: int, settings: Settings) -> dict:
+    """The gang: an Indexed Job of ``nodes`` pods behind the headless Service."""
+    r = job.spec.resources
+    requests: dict = {k: v for k, v in (("cpu", r.cpu), ("memory", r.memory)) if v}
+    limits: dict = {"nvidia.com/gpu": r.gpus_per_node} if r.gpus_per_node else {}
+    env = _env(job) + [{"name": "NODE_RANK", "valueFrom": {"fieldRef": {
+        "fieldPath": f"metadata.annotations['{RANK_ANNOTATION}']"}}}]
+    if not r.gpus_per_node:
+        env.append({"name": "OMP_NUM_THREADS", "value": "1"})  # one CPU per rank; no oversubscription
+    container = {
+        "name": "trainer",
+        "image": r.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": training_command(job, attempt, settings)[:1],
+        "args": training_command(job, attempt, settings)[1:],
+        "env": env,
+        "envFrom": _env_from(job),
+        "ports": [{"name": "rendezvous", "containerPort": settings.master_port}],
+        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],  # NCCL and dataloaders need more than 64 MiB
+    }
+    pod = _pod_spec(job, container, [{"name": "shm", "emptyDir": {"medium": "Memory"}}])
+    pod["subdomain"] = names(job.metadata.name)["service"]
+    if r.node_selector:
+        pod["nodeSelector"] = r.node_selector
+    if r.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in r.tolerations]
+    return _job(job, training_job_name(job.metadata.name, attempt), "train", pod, settings,
+                completionMode="Indexed", completions=r.nodes, parallelism=r.nodes)

@@ -1,0 +1,43 @@
+"""Phases and Kubernetes-style conditions of a FineTuneJob (pure functions).
+
+``kubectl wait --for=condition=Succeeded`` (or Failed) reads ``status.conditions``; every phase
+sets all four condition types so their state is never stale.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+
+
+class Phase(str, Enum):
+    PENDING = "Pending"
+    PREPARING = "Preparing"
+    TRAINING = "Training"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+FINISHED = {Phase.SUCCEEDED.value, Phase.FAILED.value}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def conditions_for(phase: Phase, reason: str, message: str, previous: list[dict] | None, at: str) -> list[dict]:
+    """The four conditions for a phase; lastTransitionTime moves only when a status flips."""
+    wanted = {
+        "Ready": phase not in (Phase.PENDING, Phase.FAILED),
+        "Running": phase in (Phase.PREPARING, Phase.TRAINING),
+        "Succeeded": phase == Phase.SUCCEEDED,
+        "Failed": phase == Phase.FAILED,
+    }
+    old = {c["type"]: c for c in previous or []}
+    out = []
+    for kind, true in wanted.items():
+        status = "True" if true else "False"
+        since = old[kind]["lastTransitionTime"] if kind in old and old[kind]["status"] == status else at
+        out.append({"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": since})
+    return out

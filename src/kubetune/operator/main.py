@@ -1,0 +1,39 @@
+"""``kubetune-operator``: run the FineTuneJob operator (settings from the environment, flags override)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from kubetune.operator.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    import kopf
+
+    env = Settings.from_env()
+    parser = argparse.ArgumentParser(prog="kubetune-operator", description=__doc__)
+    parser.add_argument("--namespace", "-n", action="append", default=None,
+                        help="watch this namespace (repeatable); default: all namespaces or $KUBETUNE_NAMESPACES")
+    parser.add_argument("--trainer-image", default=env.trainer_image)
+    parser.add_argument("--metrics-port", type=int, default=env.metrics_port)
+    parser.add_argument("--peering", default=env.peering, help="peering name; empty runs standalone")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' to disable)")
+    args = parser.parse_args(argv)
+    settings = dataclasses.replace(env, namespaces=args.namespace or env.namespaces, trainer_image=args.trainer_image,
+                                   metrics_port=args.metrics_port, peering=args.peering)
+
+    import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=not settings.peering,
+        peering_name=settings.peering or None,
+        liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo(settings=settings),
+    )
+
+
+if __name__ == "__main__":
+    main()

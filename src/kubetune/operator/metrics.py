@@ -1,0 +1,31 @@
+"""Prometheus metrics on an HTTP port: jobs by phase, reconcile errors, handler latency."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+JOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase", ["phase"])
+RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised")
+HANDLER_SECONDS = Histogram("kubetune_reconcile_seconds", "Time to reconcile one FineTuneJob")
+_phase_of: dict[str, str] = {}
+
+
+def observe(namespace: str, name: str, phase: str) -> None:
+    key = f"{namespace}/{name}"
+    old = _phase_of.get(key)
+    if old == phase:
+        return
+    if old:
+        JOBS.labels(old).dec()
+    JOBS.labels(phase).inc()
+    _phase_of[key] = phase
+
+
+def forget(namespace: str, name: str) -> None:
+    old = _phase_of.pop(f"{namespace}/{name}", None)
+    if old:
+        JOBS.labels(old).dec()
+
+
+def serve(port: int) -> None:
+    start_http_server(port)

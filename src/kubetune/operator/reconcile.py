@@ -1,0 +1,141 @@
+"""Level-based reconcile of one FineTuneJob: look at the job and its children, take the next step.
+
+Every step is idempotent (children have fixed names; "already exists" is success), so a re-run after
+a crash, a restart of the operator, or two triggers at once converge on the same objects.
+
+    Pending ─► Preparing ─► Training ─► Succeeded
+                  │            │ ▲ failed gang: new attempt, resumes from the last checkpoint
+                  ▼            ▼ │ (up to spec.maxRetries)
+                Failed ◄───────┘
+    spec.suspend: the running Job is deleted (progress kept) ─► Suspended ─► back where it was
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kubetune.operator import children
+from kubetune.operator.conditions import FINISHED, Phase, conditions_for, now
+from kubetune.operator.settings import Settings
+from kubetune.spec import SpecError, parse_job
+from kubetune.storage import join
+
+
+@dataclass
+class Outcome:
+    phase: Phase
+    reason: str
+    message: str
+    status: dict = field(default_factory=dict)  # other status fields to set
+
+
+def job_state(job: dict | None) -> str:
+    """Missing, Active, Suspended, Complete or Failed, from a Job's spec and conditions."""
+    if job is None:
+        return "Missing"
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
+            return c["type"]
+    return "Suspended" if (job.get("spec") or {}).get("suspend") else "Active"
+
+
+def failure_message(api, namespace: str, job: dict) -> str:
+    """The Job's failure reason plus the last line its failed container printed."""
+    reason = next((c.get("message") or c.get("reason", "") for c in job["status"]["conditions"]
+                   if c.get("type") == "Failed"), "")
+    for pod in api.job_pods(namespace, job["metadata"]["name"]):
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = ((cs.get("state") or {}).get("terminated") or {})
+            if term.get("exitCode"):
+                last = (term.get("message") or "").strip().splitlines()[-1:] or [f"exit code {term['exitCode']}"]
+                return f"{reason}: {last[0][:300]}" if reason else last[0][:300]
+    return reason or "the Job failed"
+
+
+def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]) -> Outcome | None:
+    """Drive one FineTuneJob a step further; None when it is finished and there is nothing to do."""
+    status = body.get("status") or {}
+    if status.get("phase") in FINISHED:
+        return None
+    meta = body["metadata"]
+    try:
+        job = parse_job({**body, "metadata": {"name": meta["name"], "namespace": meta["namespace"],
+                                              "labels": meta.get("labels") or {}}})
+    except SpecError as e:
+        return Outcome(Phase.FAILED, "InvalidSpec", "; ".join(e.problems))
+    ns, name = meta["namespace"], meta["name"]
+
+    model_source = None
+    if job.spec.model.from_job:
+        previous = api.get_ftj(ns, job.spec.model.from_job)
+        prev_status = (previous or {}).get("status") or {}
+        if prev_status.get("phase") != Phase.SUCCEEDED.value:
+            return Outcome(Phase.PENDING, "WaitingForBaseJob",
+                           f"model.fromJob '{job.spec.model.from_job}' has not succeeded yet")
+        model_source = prev_status["outputModel"]
+
+    def ensure(obj: dict) -> None:
+        adopt(obj)  # owner reference: deleting the FineTuneJob deletes the child
+        api.create(obj)
+
+    for obj in (children.service_account(job), children.progress_role(job), children.progress_role_binding(job),
+                children.config_map(job, model_source)):
+        ensure(obj)
+
+    n = children.names(name)
+    attempt = int(status.get("retries") or 0)
+    train_name = children.training_job_name(name, attempt)
+    if job.spec.suspend:
+        api.delete_job(ns, n["prepare"] if not status.get("prepared") else train_name)
+        api.delete_service(ns, n["service"])
+        return Outcome(Phase.SUSPENDED, "Suspended", "spec.suspend is true; progress is kept")
+
+    if not status.get("prepared"):
+        prepare = api.get_job(ns, n["prepare"])
+        state = job_state(prepare)
+        if state == "Missing":
+            ensure(children.prepare_job(job, settings))
+            return Outcome(Phase.PREPARING, "Preparing", "preparing the data")
+        if state == "Failed":
+            return Outcome(Phase.FAILED, "PreparationFailed", failure_message(api, ns, prepare))
+        if state != "Complete":
+            return Outcome(Phase.PREPARING, "Queued" if state == "Suspended" else "Preparing",
+                           "waiting for admission" if state == "Suspended" else "preparing the data")
+
+    ensure(children.headless_service(job))
+    training = api.get_job(ns, train_name)
+    state = job_state(training)
+    prepared = {"prepared": True, "trainingJob": train_name}
+    if state == "Missing":
+        ensure(children.training_job(job, attempt, settings))
+        return Outcome(Phase.TRAINING, "Training", f"training attempt {attempt + 1}", prepared)
+    if state == "Complete":
+        return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready",
+                       {**prepared, "outputModel": join(job.spec.output.uri, "model"), "completionTime": now()})
+    if state == "Failed":
+        message = failure_message(api, ns, training)
+        if attempt >= job.spec.max_retries:
+            return Outcome(Phase.FAILED, "TrainingFailed",
+                           f"training failed {attempt + 1} time(s), spec.maxRetries is {job.spec.max_retries}: {message}")
+        api.delete_job(ns, train_name)
+        retry = attempt + 1
+        ensure(children.training_job(job, retry, settings))
+        return Outcome(Phase.TRAINING, "Retrying",
+                       f"attempt {attempt + 1} failed ({message}); attempt {retry + 1} resumes from the latest checkpoint",
+                       {**prepared, "retries": retry, "trainingJob": children.training_job_name(name, retry)})
+    queued = state == "Suspended"
+    return Outcome(Phase.TRAINING, "Queued" if queued else "Training",
+                   "waiting for admission" if queued else f"training attempt {attempt + 1}", prepared)
+
+
+def status_patch(previous: dict, outcome: Outcome, generation: int | None) -> dict:
+    """The status fields the operator owns; progress and the data report are left to the pods."""
+    at = now()
+    patch = {"phase": outcome.phase.value, "reason": outcome.reason, "message": outcome.message,
+             "conditions": conditions_for(outcome.phase, outcome.reason, outcome.message,
+                                          previous.get("conditions"), at),
+             "observedGeneration": generation, **outcome.status}
+    if not previous.get("startTime"):
+        patch["startTime"] = at
+    return patch

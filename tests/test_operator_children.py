@@ -1,0 +1,85 @@
+"""The pure builders of child objects, without an API server."""
+
+import yaml
+
+from conftest import job_doc
+from kubetune.operator import children
+from kubetune.operator.conditions import Phase, conditions_for
+from kubetune.operator.settings import Settings
+from kubetune.spec import parse_job
+
+SETTINGS = Settings(trainer_image="registry.example/kubetune-trainer:1", finished_ttl_seconds=600)
+
+
+def _job(**spec):
+    doc = job_doc("s3://data/raw/", "s3://models/out/", storage={"endpoint": "http://minio:9000", "credentialsSecret": "s3-creds"}, **spec)
+    doc["metadata"] = {"name": "bot", "namespace": "team-a", "labels": {"kueue.x-k8s.io/queue-name": "gpu-queue"}}
+    return parse_job(doc)
+
+
+def test_gang_is_an_indexed_job_with_rendezvous_on_pod_zero():
+    job = _job(resources={"nodes": 3, "gpusPerNode": 8, "nodeSelector": {"gpu": "h100"},
+                          "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                          "priorityClassName": "training"})
+    j = children.training_job(job, attempt=2, settings=SETTINGS)
+    spec, pod = j["spec"], j["spec"]["template"]["spec"]
+    assert j["metadata"]["name"] == "bot-train-2"
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == ("Indexed", 3, 3, 0)
+    assert spec["suspend"] is True and j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert spec["ttlSecondsAfterFinished"] == 600
+    c = pod["containers"][0]
+    assert c["command"] == ["torchrun"]
+    assert c["args"][:5] == ["--nnodes=3", "--nproc-per-node=8", "--node-rank=$(NODE_RANK)",
+                             "--master-addr=bot-train-2-0.bot-train", "--master-port=29500"]
+    assert c["args"][-3:] == ["-m", "kubetune.train", "/etc/kubetune/job.yaml"]
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": 8}
+    assert c["image"] == "registry.example/kubetune-trainer:1"
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]  # referenced, never read
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["KUBETUNE_JOB_NAME"]["value"] == "bot" and "OMP_NUM_THREADS" not in env
+    assert pod["subdomain"] == "bot-train" and pod["serviceAccountName"] == "bot-trainer"
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["priorityClassName"] == "training"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_cpu_fallback_requests_no_gpu_and_one_process_per_cpu():
+    job = _job(resources={"nodes": 2, "gpusPerNode": 0, "cpu": "4", "memory": "8Gi"})
+    c = children.training_job(job, 0, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert "limits" not in c["resources"] and c["resources"]["requests"] == {"cpu": "4", "memory": "8Gi"}
+    assert "--nproc-per-node=4" in c["args"]
+    assert {"name": "OMP_NUM_THREADS", "value": "1"} in c["env"]
+
+
+def test_progress_role_allows_only_this_jobs_status():
+    role = children.progress_role(_job())
+    assert role["rules"] == [{"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/status"],
+                              "resourceNames": ["bot"], "verbs": ["get", "patch"]}]
+    binding = children.progress_role_binding(_job())
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bot-trainer", "namespace": "team-a"}]
+
+
+def test_config_map_holds_the_job_and_resolves_from_job():
+    job = _job(model={"fromJob": "previous-run"})
+    doc = yaml.safe_load(children.config_map(job, model_source="s3://models/prev/model")["data"]["job.yaml"])
+    assert doc["spec"]["model"] == {"source": "s3://models/prev/model"}
+    assert doc["metadata"] == {"name": "bot", "namespace": "team-a"}
+    assert parse_job(doc).spec.output.uri == "s3://models/out/"
+
+
+def test_prepare_job_is_one_cpu_pod():
+    j = children.prepare_job(_job(resources={"gpusPerNode": 8}), SETTINGS)
+    c = j["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["kubetune", "prepare", "/etc/kubetune/job.yaml"]
+    assert "limits" not in c["resources"] and j["spec"].get("completions") is None
+
+
+def test_conditions_keep_transition_time_until_status_flips():
+    first = conditions_for(Phase.PREPARING, "Preparing", "", None, "t1")
+    second = conditions_for(Phase.TRAINING, "Training", "", first, "t2")
+    done = conditions_for(Phase.SUCCEEDED, "Succeeded", "", second, "t3")
+    by_type = {c["type"]: c for c in done}
+    assert by_type["Succeeded"]["status"] == "True" and by_type["Succeeded"]["lastTransitionTime"] == "t3"
+    assert by_type["Ready"]["lastTransitionTime"] == "t1" and by_type["Running"]["status"] == "False"
