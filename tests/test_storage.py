@@ -100,3 +100,19 @@ def test_local_paths(tmp_path):
     assert store.list(str(tmp_path / "d")) == [str(tmp_path / "d" / "f.jsonl")]
     with pytest.raises(StorageError, match="no such file or folder"):
         store.list(str(tmp_path / "nope"))
+
+
+def test_cli_upload_creates_the_bucket_and_copies_a_folder(s3_server, tmp_path):
+    import subprocess
+    import sys
+
+    import boto3
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "d" / "sub" / "b.jsonl").write_text("{}\n")
+    run = subprocess.run([sys.executable, "-m", "kubetune.cli", "upload", str(tmp_path / "d"), "s3://fresh-bucket/data/",
+                          "--endpoint", s3_server, "--create-bucket"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="fresh-bucket")["Contents"]]
+    assert sorted(keys) == ["data/a.jsonl", "data/sub/b.jsonl"]

@@ -97,6 +97,29 @@ def _run(args) -> int:
     return 0
 
 
+def _upload(args) -> int:
+    from pathlib import Path
+
+    from kubetune.spec import Storage
+    from kubetune.storage import S3Store, join, upload_tree
+
+    spec = Storage(endpoint=args.endpoint)
+    if args.create_bucket:
+        store = S3Store(spec)
+        bucket = args.destination.removeprefix("s3://").split("/")[0]
+        try:
+            store.client.create_bucket(Bucket=bucket)
+        except store.client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+    source = Path(args.source)
+    if source.is_file():
+        S3Store(spec).upload(source, join(args.destination, source.name))
+    else:
+        upload_tree(source, args.destination, spec)
+    print(f"uploaded {source} to {args.destination}")
+    return 0
+
+
 def _crd(args) -> int:
     import yaml
 
@@ -121,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         if name != "prepare":
             p.add_argument("--nproc", type=int, help="training processes (default: GPUs, else 2 on CPU)")
         p.set_defaults(func=func)
+    p = sub.add_parser("upload", help="copy a local file or folder to an s3:// prefix (e.g. example data)")
+    p.add_argument("source")
+    p.add_argument("destination", help="s3://bucket/prefix/")
+    p.add_argument("--endpoint", help="S3-compatible endpoint URL, e.g. http://localhost:9000")
+    p.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
+    p.set_defaults(func=_upload)
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     p.set_defaults(func=_crd)
     args = parser.parse_args(argv)
