@@ -72,3 +72,25 @@ def job_doc(train: str, output: str, **spec) -> dict:
     }
     return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "t"},
             "spec": {**base, **spec}}
+
+
+@pytest.fixture(scope="session")
+def control_plane():
+    """A real etcd + kube-apiserver (+ garbage collector) on loopback, with the CRD installed."""
+    from controlplane import ControlPlane
+
+    cp = ControlPlane().start()
+    try:
+        cp.kubectl("apply", "-f", str(ROOT / "crds"))
+        cp.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture
+def namespace(control_plane):
+    """A fresh namespace per test."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    control_plane.kubectl("create", "namespace", name)
+    return name

@@ -109,7 +109,7 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
     prepared = {"prepared": True, "trainingJob": train_name}
     if state == "Missing":
         ensure(children.training_job(job, attempt, settings))
-        return Outcome(Phase.TRAINING, "Training", f"training attempt {attempt + 1}", prepared)
+        return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
     if state == "Complete":
         return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready",
                        {**prepared, "outputModel": join(job.spec.output.uri, "model"), "completionTime": now()})
@@ -124,9 +124,15 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
         return Outcome(Phase.TRAINING, "Retrying",
                        f"attempt {attempt + 1} failed ({message}); attempt {retry + 1} resumes from the latest checkpoint",
                        {**prepared, "retries": retry, "trainingJob": children.training_job_name(name, retry)})
-    queued = state == "Suspended"
-    return Outcome(Phase.TRAINING, "Queued" if queued else "Training",
-                   "waiting for admission" if queued else f"training attempt {attempt + 1}", prepared)
+    if state == "Suspended":
+        return Outcome(Phase.TRAINING, "Queued", "waiting for admission", prepared)
+    return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
+
+
+def _attempt_text(attempt: int, max_retries: int) -> str:
+    if attempt == 0:
+        return "training"
+    return f"training attempt {attempt + 1} of {max_retries + 1}, resumed from the latest checkpoint"
 
 
 def status_patch(previous: dict, outcome: Outcome, generation: int | None) -> dict:

@@ -1,0 +1,99 @@
+"""Helpers for tests against the real API server: the operator as a subprocess, waiting, and
+writing Job status the way the job controller would (no controller runs here)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+
+from conftest import job_doc
+
+
+def ftj_doc(name: str, **spec) -> dict:
+    doc = job_doc("s3://data/raw/", f"s3://models/{name}/", storage={"credentialsSecret": "s3-creds"},
+                  resources={"nodes": 2, "gpusPerNode": 0, "cpu": "1"}, **spec)
+    doc["metadata"] = {"name": name}
+    return doc
+
+
+def apply(cp, namespace: str, doc: dict, kubeconfig=None) -> None:
+    cp.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), kubeconfig=kubeconfig)
+
+
+def get(cp, namespace: str, kind: str, name: str) -> dict | None:
+    run = cp.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(run.stdout) if run.returncode == 0 else None
+
+
+def items(cp, namespace: str, kind: str, selector: str | None = None) -> list[dict]:
+    args = ["get", kind, "-n", namespace, "-o", "json"] + (["-l", selector] if selector else [])
+    return json.loads(cp.kubectl(*args).stdout)["items"]
+
+
+def wait_for(check, timeout: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def phase(cp, namespace: str, name: str) -> str | None:
+    body = get(cp, namespace, "ftj", name)
+    return ((body or {}).get("status") or {}).get("phase")
+
+
+def wait_phase(cp, namespace: str, name: str, expected: str, timeout: float = 60) -> dict:
+    wait_for(lambda: phase(cp, namespace, name) == expected, timeout, f"{name} to reach {expected} "
+             f"(now {phase(cp, namespace, name)})")
+    return get(cp, namespace, "ftj", name)
+
+
+def finish_job(cp, namespace: str, name: str, succeeded: bool = True) -> None:
+    """Mark a Job finished as the job controller does (status subresource, valid transitions)."""
+    job = get(cp, namespace, "job", name)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    n = job["spec"].get("completions") or 1
+    if succeeded:
+        reason, kinds = "CompletionsReached", ("SuccessCriteriaMet", "Complete")
+        counts = {"succeeded": n, "completionTime": now}
+        if job["spec"].get("completionMode") == "Indexed":
+            counts["completedIndexes"] = "0" if n == 1 else f"0-{n - 1}"
+    else:
+        reason, kinds = "BackoffLimitExceeded", ("FailureTarget", "Failed")
+        counts = {"failed": 1}
+    conditions = [{"type": k, "status": "True", "reason": reason, "message": f"{reason} (test)",
+                   "lastTransitionTime": now, "lastProbeTime": now} for k in kinds]
+    status = {"status": {"startTime": now, "conditions": conditions, **counts}}
+    cp.kubectl("patch", "job", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+
+
+@contextlib.contextmanager
+def operator(cp, namespace: str | None, kubeconfig=None, peering: str = ""):
+    """The operator as its own process, as in a pod: `kubetune-operator`."""
+    args = [sys.executable, "-m", "kubetune.operator.main", "--metrics-port", "0", "--liveness", "", "--peering", peering]
+    if namespace:
+        args += ["--namespace", namespace]
+    env = {**cp.env(kubeconfig), "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test", "KUBETUNE_RESYNC_SECONDS": "5"}
+    log = open(cp.dir / f"operator-{namespace or 'all'}-{time.monotonic_ns()}.log", "w+")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log.name
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def operator_log(proc) -> str:
+    with open(proc.log_path) as f:
+        return f.read()

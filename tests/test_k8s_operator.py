@@ -1,0 +1,191 @@
+"""The operator against a real kube-apiserver + etcd (and the real garbage collector)."""
+
+import json
+import signal
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES
+from k8s_helpers import (apply, finish_job, ftj_doc, get, items, operator, operator_log, phase, wait_for,
+                         wait_phase)
+
+pytestmark = pytest.mark.k8s
+
+
+@pytest.mark.parametrize("example", ["quickstart.yaml", "support-bot-gpu.yaml", "kind-job.yaml"])
+def test_examples_are_accepted(control_plane, namespace, example):
+    run = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(EXAMPLES / example))
+    assert "created (server dry run)" in run.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["spec"]["resources"].update(nodes=0), "spec.resources.nodes: Invalid value: 0"),
+    (lambda d: d["spec"]["resources"].update(gpusPerNode=-1), "spec.resources.gpusPerNode: Invalid value: -1"),
+    (lambda d: d["spec"].update(training={"method": "full", "lora": {"r": 8}}),
+     "spec.training: Invalid value: lora settings are only allowed with method: lora"),
+    (lambda d: d["spec"]["model"].update(source="hf://a/b"), "spec.model: Invalid value: set exactly one of source"),
+    (lambda d: d["spec"].pop("output"), "spec.output: Required value"),
+    (lambda d: d["spec"]["dataset"].update(formt="chat"), 'unknown field "spec.dataset.formt"'),
+    (lambda d: d["metadata"].update(name="x" * 41), "metadata.name must be at most 40 characters"),
+])
+def test_invalid_jobs_are_rejected_with_the_field(control_plane, namespace, change, message):
+    doc = ftj_doc("bad")
+    change(doc)
+    run = control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+    assert run.returncode != 0 and message in run.stderr, run.stderr
+
+
+def _owned_by(obj: dict, owner: dict) -> bool:
+    return any(r["uid"] == owner["metadata"]["uid"] and r.get("controller") for r in obj["metadata"].get("ownerReferences", []))
+
+
+def test_happy_path_with_children_events_and_kubectl_wait(control_plane, namespace):
+    cp = control_plane
+    with operator(cp, namespace) as op:
+        apply(cp, namespace, ftj_doc("bot"))
+        wait_for(lambda: get(cp, namespace, "job", "bot-prepare"), what="the Preparing Job")
+        body = wait_phase(cp, namespace, "bot", "Preparing")
+        for kind, name in (("serviceaccount", "bot-trainer"), ("role", "bot-progress"), ("rolebinding", "bot-progress"),
+                           ("configmap", "bot-job"), ("job", "bot-prepare")):
+            child = get(cp, namespace, kind, name)
+            assert child and _owned_by(child, body), f"{kind}/{name} is not owned by the FineTuneJob"
+        config = yaml.safe_load(get(cp, namespace, "configmap", "bot-job")["data"]["job.yaml"])
+        assert config["metadata"]["name"] == "bot" and config["spec"]["output"]["uri"] == "s3://models/bot/"
+        assert not items(cp, namespace, "job", "app.kubernetes.io/component=train")  # no GPU before data is ready
+
+        finish_job(cp, namespace, "bot-prepare")
+        train = wait_for(lambda: get(cp, namespace, "job", "bot-train-0"), what="the training gang")
+        assert train["spec"]["completionMode"] == "Indexed" and train["spec"]["completions"] == 2
+        service = get(cp, namespace, "service", "bot-train")
+        assert service["spec"]["clusterIP"] == "None" and _owned_by(service, body)
+        pod = train["spec"]["template"]["spec"]
+        assert pod["subdomain"] == "bot-train" and pod["containers"][0]["image"] == "kubetune-trainer:test"
+        assert wait_phase(cp, namespace, "bot", "Training")["status"]["prepared"] is True
+
+        finish_job(cp, namespace, "bot-train-0")
+        cp.kubectl("wait", "--for=condition=Succeeded", "ftj/bot", "-n", namespace, "--timeout=60s")
+        status = get(cp, namespace, "ftj", "bot")["status"]
+        assert status["outputModel"] == "s3://models/bot/model" and status["phase"] == "Succeeded"
+        conditions = {c["type"]: c["status"] for c in status["conditions"]}
+        assert conditions == {"Ready": "True", "Running": "False", "Succeeded": "True", "Failed": "False"}
+        reasons = wait_for(lambda: {e["reason"] for e in items(cp, namespace, "events")
+                                    if e["involvedObject"]["name"] == "bot"} >= {"Preparing", "Training", "Succeeded"}
+                           and {e["reason"] for e in items(cp, namespace, "events")}, what="transition events")
+        assert {"Preparing", "Training", "Succeeded"} <= reasons
+        printed = cp.kubectl("get", "ftj", "-n", namespace).stdout
+        assert "PHASE" in printed and "Succeeded" in printed, printed
+        assert "Traceback" not in operator_log(op)
+
+
+def test_failed_gang_is_recreated_until_max_retries(control_plane, namespace):
+    cp = control_plane
+    with operator(cp, namespace):
+        apply(cp, namespace, ftj_doc("flaky", maxRetries=1))
+        wait_for(lambda: get(cp, namespace, "job", "flaky-prepare"), what="prepare job")
+        finish_job(cp, namespace, "flaky-prepare")
+        wait_for(lambda: get(cp, namespace, "job", "flaky-train-0"), what="attempt 1")
+        finish_job(cp, namespace, "flaky-train-0", succeeded=False)
+        wait_for(lambda: get(cp, namespace, "job", "flaky-train-1"), what="attempt 2")
+        status = wait_for(lambda: (get(cp, namespace, "ftj", "flaky")["status"].get("retries") == 1
+                                   and get(cp, namespace, "ftj", "flaky")["status"]), what="retries: 1")
+        assert status["phase"] == "Training" and "resumed from the latest checkpoint" in status["message"]
+        retried = [e for e in items(cp, namespace, "events") if e["reason"] == "Retrying"]
+        assert retried and "attempt 2 resumes from the latest checkpoint" in retried[0]["message"]
+        assert wait_for(lambda: get(cp, namespace, "job", "flaky-train-0") is None, what="old gang deleted")
+        finish_job(cp, namespace, "flaky-train-1", succeeded=False)
+        cp.kubectl("wait", "--for=condition=Failed", "ftj/flaky", "-n", namespace, "--timeout=60s")
+        status = get(cp, namespace, "ftj", "flaky")["status"]
+        assert status["reason"] == "TrainingFailed"
+        assert "training failed 2 time(s), spec.maxRetries is 1" in status["message"]
+        assert "BackoffLimitExceeded" in status["message"]
+
+
+def test_suspend_deletes_the_workload_and_keeps_progress(control_plane, namespace):
+    cp = control_plane
+    with operator(cp, namespace):
+        apply(cp, namespace, ftj_doc("pausable"))
+        wait_for(lambda: get(cp, namespace, "job", "pausable-prepare"), what="prepare job")
+        finish_job(cp, namespace, "pausable-prepare")
+        wait_for(lambda: get(cp, namespace, "job", "pausable-train-0"), what="training")
+        progress = {"step": 40, "totalSteps": 100, "percent": 40.0, "checkpoint": "s3://models/pausable/checkpoints/step-00000040"}
+        cp.kubectl("patch", "ftj", "pausable", "-n", namespace, "--subresource=status", "--type=merge",
+                   "-p", json.dumps({"status": {"progress": progress}}))
+        cp.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
+        body = wait_phase(cp, namespace, "pausable", "Suspended")
+        assert body["status"]["progress"] == progress
+        wait_for(lambda: get(cp, namespace, "job", "pausable-train-0") is None, what="gang deleted")
+        assert get(cp, namespace, "service", "pausable-train") is None
+        cp.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+        wait_for(lambda: get(cp, namespace, "job", "pausable-train-0"), what="gang recreated")
+        body = wait_phase(cp, namespace, "pausable", "Training")
+        assert body["status"]["progress"]["step"] == 40  # the trainer resumes from that checkpoint
+
+
+def test_deleting_the_job_removes_its_children(control_plane, namespace):
+    cp = control_plane
+    with operator(cp, namespace):
+        apply(cp, namespace, ftj_doc("gone"))
+        wait_for(lambda: get(cp, namespace, "job", "gone-prepare"), what="prepare job")
+        cp.kubectl("delete", "ftj", "gone", "-n", namespace, "--timeout=60s")
+        for kind, name in (("job", "gone-prepare"), ("configmap", "gone-job"), ("serviceaccount", "gone-trainer"),
+                           ("role", "gone-progress"), ("rolebinding", "gone-progress")):
+            wait_for(lambda: get(cp, namespace, kind, name) is None, timeout=90, what=f"{kind}/{name} garbage-collected")
+
+
+def test_operator_restarted_mid_job_converges_without_duplicates(control_plane, namespace):
+    cp = control_plane
+    with operator(cp, namespace) as first:
+        apply(cp, namespace, ftj_doc("steady"))
+        wait_for(lambda: get(cp, namespace, "job", "steady-prepare"), what="prepare job")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finish_job(cp, namespace, "steady-prepare")  # finishes while no operator runs
+    with operator(cp, namespace):
+        wait_phase(cp, namespace, "steady", "Training")
+        with operator(cp, namespace):  # a second replica too: the same objects, never twice
+            finish_job(cp, namespace, "steady-train-0")
+            wait_phase(cp, namespace, "steady", "Succeeded")
+    names = sorted(j["metadata"]["name"] for j in items(cp, namespace, "job"))
+    assert names == ["steady-prepare", "steady-train-0"]
+    assert len(items(cp, namespace, "configmap", "kubetune.dev/job=steady")) == 1
+
+
+def test_kueue_queue_label_creates_suspended_jobs(control_plane, namespace):
+    cp = control_plane
+    doc = ftj_doc("queued")
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-queue"}
+    with operator(cp, namespace):
+        apply(cp, namespace, doc)
+        job = wait_for(lambda: get(cp, namespace, "job", "queued-prepare"), what="prepare job")
+        assert job["spec"]["suspend"] is True
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
+        wait_for(lambda: get(cp, namespace, "ftj", "queued")["status"].get("reason") == "Queued", what="Queued")
+        # Kueue admits the workload by unsuspending the Job; the operator leaves that to Kueue.
+        cp.kubectl("patch", "job", "queued-prepare", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+        wait_for(lambda: get(cp, namespace, "ftj", "queued")["status"].get("reason") == "Preparing", what="admitted")
+        assert get(cp, namespace, "job", "queued-prepare")["spec"]["suspend"] is False
+
+
+def test_pods_may_patch_only_their_own_jobs_status(control_plane, namespace, tmp_path):
+    from kubetune.train.progress import KubeStatusSink
+
+    cp = control_plane
+    with operator(cp, namespace):
+        for name in ("mine", "other"):
+            apply(cp, namespace, ftj_doc(name))
+        wait_for(lambda: get(cp, namespace, "rolebinding", "mine-progress"), what="the pods' RBAC")
+        wait_for(lambda: phase(cp, namespace, "other"), what="other job handled")
+    token = cp.kubectl("create", "token", "mine-trainer", "-n", namespace).stdout.strip()
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    sink = KubeStatusSink("mine", namespace, cp.server, token_file, ca_file=None)
+    sink.context = __import__("ssl")._create_unverified_context()  # the test server's certificate is self-signed
+    sink.send({"step": 7, "totalSteps": 10, "percent": 70.0})
+    assert get(cp, namespace, "ftj", "mine")["status"]["progress"]["step"] == 7
+    other = KubeStatusSink("other", namespace, cp.server, token_file, ca_file=None)
+    other.context = sink.context
+    with pytest.raises(Exception, match="403"):
+        other.send({"step": 1})
+    run = cp.kubectl("get", "secrets", "-n", namespace, kubeconfig=cp.kubeconfig_for_token(token), check=False)
+    assert run.returncode != 0 and "forbidden" in run.stderr
