@@ -13,8 +13,8 @@ from conftest import job_doc
 
 
 def ftj_doc(name: str, **spec) -> dict:
-    doc = job_doc("s3://data/raw/", f"s3://models/{name}/", storage={"credentialsSecret": "s3-creds"},
-                  resources={"nodes": 2, "gpusPerNode": 0, "cpu": "1"}, **spec)
+    defaults = {"storage": {"credentialsSecret": "s3-creds"}, "resources": {"nodes": 2, "gpusPerNode": 0, "cpu": "1"}}
+    doc = job_doc("s3://data/raw/", f"s3://models/{name}/", **{**defaults, **spec})
     doc["metadata"] = {"name": name}
     return doc
 

@@ -35,6 +35,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.posting.level = logging.INFO  # kopf.info() calls become Events
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+    settings.scanning.disabled = True  # the resources are known; no need to watch (and be allowed to list) CRDs
     settings.persistence.finalizer = f"{API_GROUP}/operator"
     if config.peering:
         settings.peering.name = config.peering
