@@ -74,9 +74,10 @@ def finish_job(cp, namespace: str, name: str, succeeded: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def operator(cp, namespace: str | None, kubeconfig=None, peering: str = ""):
+def operator(cp, namespace: str | None, kubeconfig=None, peering: str = "", metrics_port: int = 0):
     """The operator as its own process, as in a pod: `kubetune-operator`."""
-    args = [sys.executable, "-m", "kubetune.operator.main", "--metrics-port", "0", "--liveness", "", "--peering", peering]
+    args = [sys.executable, "-m", "kubetune.operator.main", "--metrics-port", str(metrics_port), "--liveness", "",
+            "--peering", peering]
     if namespace:
         args += ["--namespace", namespace]
     env = {**cp.env(kubeconfig), "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test", "KUBETUNE_RESYNC_SECONDS": "5"}

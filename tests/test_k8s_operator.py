@@ -2,11 +2,12 @@
 
 import json
 import signal
+import urllib.request
 
 import pytest
 import yaml
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, free_port
 from k8s_helpers import (apply, finish_job, ftj_doc, get, items, operator, operator_log, phase, wait_for,
                          wait_phase)
 
@@ -42,7 +43,8 @@ def _owned_by(obj: dict, owner: dict) -> bool:
 
 def test_happy_path_with_children_events_and_kubectl_wait(control_plane, namespace):
     cp = control_plane
-    with operator(cp, namespace) as op:
+    port = free_port()
+    with operator(cp, namespace, metrics_port=port) as op:
         apply(cp, namespace, ftj_doc("bot"))
         wait_for(lambda: get(cp, namespace, "job", "bot-prepare"), what="the Preparing Job")
         body = wait_phase(cp, namespace, "bot", "Preparing")
@@ -76,6 +78,9 @@ def test_happy_path_with_children_events_and_kubectl_wait(control_plane, namespa
         printed = cp.kubectl("get", "ftj", "-n", namespace).stdout
         assert "PHASE" in printed and "Succeeded" in printed, printed
         assert "Traceback" not in operator_log(op)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'kubetune_finetunejobs{phase="Succeeded"} 1.0' in metrics
+        assert "kubetune_reconcile_seconds_count" in metrics and "kubetune_reconcile_errors_total 0.0" in metrics
 
 
 def test_failed_gang_is_recreated_until_max_retries(control_plane, namespace):

@@ -194,16 +194,18 @@ class S3Store:
             raise self._error(uri, e) from None
 
     def exists(self, uri: str) -> bool:
+        from botocore.exceptions import ClientError
+
         bucket, key = _split(uri)
         try:
             self.client.head_object(Bucket=bucket, Key=key)
             return True
-        except Exception as e:
-            err = self._error(uri, e)
-            if "no such object" in str(err):
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
-            raise err from None
-
+            raise self._error(uri, e) from None
+        except Exception as e:
+            raise self._error(uri, e) from None
 
     def delete_prefix(self, uri: str) -> None:
         bucket, key = _split(uri)
