@@ -80,7 +80,7 @@ def operator(cp, namespace: str | None, kubeconfig=None, peering: str = "", metr
             "--peering", peering]
     if namespace:
         args += ["--namespace", namespace]
-    env = {**cp.env(kubeconfig), "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test", "KUBETUNE_RESYNC_SECONDS": "5"}
+    env = {**cp.env(kubeconfig), "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test"}
     log = open(cp.dir / f"operator-{namespace or 'all'}-{time.monotonic_ns()}.log", "w+")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
     proc.log_path = log.name

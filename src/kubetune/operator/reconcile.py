@@ -79,9 +79,12 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
         adopt(obj)  # owner reference: deleting the FineTuneJob deletes the child
         api.create(obj)
 
-    for obj in (children.service_account(job), children.progress_role(job), children.progress_role_binding(job),
-                children.config_map(job, model_source)):
-        ensure(obj)
+    def start(workload: dict) -> None:
+        """Create a Job, after what its pods need: identity, permission to report, the job file."""
+        for obj in (children.service_account(job), children.progress_role(job), children.progress_role_binding(job),
+                    children.config_map(job, model_source)):
+            ensure(obj)
+        ensure(workload)
 
     n = children.names(name)
     attempt = int(status.get("retries") or 0)
@@ -95,7 +98,7 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
         prepare = api.get_job(ns, n["prepare"])
         state = job_state(prepare)
         if state == "Missing":
-            ensure(children.prepare_job(job, settings))
+            start(children.prepare_job(job, settings))
             return Outcome(Phase.PREPARING, "Preparing", "preparing the data")
         if state == "Failed":
             return Outcome(Phase.FAILED, "PreparationFailed", failure_message(api, ns, prepare))
@@ -103,12 +106,12 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
             return Outcome(Phase.PREPARING, "Queued" if state == "Suspended" else "Preparing",
                            "waiting for admission" if state == "Suspended" else "preparing the data")
 
-    ensure(children.headless_service(job))
     training = api.get_job(ns, train_name)
     state = job_state(training)
     prepared = {"prepared": True, "trainingJob": train_name}
     if state == "Missing":
-        ensure(children.training_job(job, attempt, settings))
+        ensure(children.headless_service(job))
+        start(children.training_job(job, attempt, settings))
         return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
     if state == "Complete":
         return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready",
@@ -120,7 +123,8 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
                            f"training failed {attempt + 1} time(s), spec.maxRetries is {job.spec.max_retries}: {message}")
         api.delete_job(ns, train_name)
         retry = attempt + 1
-        ensure(children.training_job(job, retry, settings))
+        ensure(children.headless_service(job))
+        start(children.training_job(job, retry, settings))
         return Outcome(Phase.TRAINING, "Retrying",
                        f"attempt {attempt + 1} failed ({message}); attempt {retry + 1} resumes from the latest checkpoint",
                        {**prepared, "retries": retry, "trainingJob": children.training_job_name(name, retry)})

@@ -12,7 +12,6 @@ class Settings:
     trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     finished_ttl_seconds: int = 86400  # finished child Jobs are removed after this
-    resync_seconds: float = 60.0  # safety-net reconcile of every unfinished job
     metrics_port: int = 9090  # 0: no metrics endpoint
     peering: str = ""  # empty: standalone (no peering objects needed)
     master_port: int = 29500
@@ -25,7 +24,6 @@ class Settings:
             trainer_image=env("KUBETUNE_TRAINER_IMAGE", cls.trainer_image),
             image_pull_policy=env("KUBETUNE_IMAGE_PULL_POLICY", cls.image_pull_policy),
             finished_ttl_seconds=int(env("KUBETUNE_FINISHED_TTL_SECONDS", cls.finished_ttl_seconds)),
-            resync_seconds=float(env("KUBETUNE_RESYNC_SECONDS", cls.resync_seconds)),
             metrics_port=int(env("KUBETUNE_METRICS_PORT", cls.metrics_port)),
             peering=env("KUBETUNE_PEERING", cls.peering),
         )
