@@ -205,16 +205,23 @@ def train(job_file: str) -> None:
         else:
             report(done, "training", tokens_per_s, eta, force="valid_loss" in row)
 
-    # --- export --------------------------------------------------------------------------------
+    # --- export and evaluate -----------------------------------------------------------------
     report(plan.total_steps, "exporting", tokens_per_s, 0, force=True)
     export_model(engine, job, tokenizer, source, dtype, scratch)
-    if rank == 0:
-        plot = metrics.plot()
-        metrics.close()
-        if is_s3(out):
-            upload_tree(metrics.folder, out, storage)
-        log(f"[train] done: model {join(out, 'model')}, metrics {join(out, 'metrics.csv')}, "
-            f"loss curve {join(out, plot.name)}")
-    report(plan.total_steps, "done", tokens_per_s, 0, force=True)
     dist.barrier()
     dist.destroy_process_group()
+    if rank != 0:
+        return
+    plot = metrics.plot()
+    metrics.close()
+    if is_s3(out):
+        upload_tree(metrics.folder, out, storage)
+    log(f"[train] done: model {join(out, 'model')}, metrics {join(out, 'metrics.csv')}, "
+        f"loss curve {join(out, plot.name)}")
+    record = {"phase": "done"}
+    if spec.evaluation.samples:
+        from kubetune.evaluate.run import evaluate_job, summary
+
+        report(plan.total_steps, "evaluating", tokens_per_s, None, force=True)
+        latest_metrics["evaluation"] = summary(evaluate_job(job, log))
+    report(plan.total_steps, record["phase"], tokens_per_s, 0, force=True)

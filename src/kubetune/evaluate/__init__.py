@@ -1,0 +1,1 @@
+"""Evaluation like a user judges a chatbot: generated replies vs references, base vs fine-tuned."""
