@@ -120,6 +120,35 @@ def _upload(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from kubetune.evaluate.run import evaluate_job
+
+    evaluate_job(_load(args))
+    return 0
+
+
+def _serve(args) -> int:
+    import tempfile
+
+    from kubetune.serve.server import serve
+    from kubetune.spec import Storage
+    from kubetune.storage import download_tree, is_s3
+
+    path = args.model
+    if is_s3(path):
+        local = tempfile.mkdtemp(prefix="kubetune-serve-")
+        download_tree(path, __import__("pathlib").Path(local), Storage(endpoint=args.endpoint))
+        path = local
+    serve(path, args.host, args.port, args.name, args.max_tokens, args.max_queue)
+    return 0
+
+
+def _chat(args) -> int:
+    from kubetune.serve.chat import chat
+
+    return chat(args.target, args.system)
+
+
 def _crd(args) -> int:
     import yaml
 
@@ -144,6 +173,23 @@ def main(argv: list[str] | None = None) -> int:
         if name != "prepare":
             p.add_argument("--nproc", type=int, help="training processes (default: GPUs, else 2 on CPU)")
         p.set_defaults(func=func)
+    p = sub.add_parser("evaluate", help="generation evaluation of a trained job (base vs fine-tuned)")
+    p.add_argument("job")
+    p.add_argument("--output", help="override spec.output.uri")
+    p.set_defaults(func=_evaluate)
+    p = sub.add_parser("serve", help="serve a model folder or s3:// model as an OpenAI-compatible endpoint")
+    p.add_argument("model", help="a Hugging Face model folder or s3://bucket/prefix/model/")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="model id clients use (default: the folder name)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 503")
+    p.add_argument("--endpoint", help="S3-compatible endpoint URL for an s3:// model")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("chat", help="chat in the terminal with an endpoint (http://…) or a local model folder")
+    p.add_argument("target")
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=_chat)
     p = sub.add_parser("upload", help="copy a local file or folder to an s3:// prefix (e.g. example data)")
     p.add_argument("source")
     p.add_argument("destination", help="s3://bucket/prefix/")

@@ -1,0 +1,182 @@
+"""An OpenAI-compatible chat endpoint (aiohttp): the fine-tuned model for existing OpenAI clients.
+
+    POST /v1/chat/completions   non-streaming, or server-sent events with "stream": true
+    GET  /v1/models             the one served model
+    GET  /healthz, /readyz      liveness; readiness once the model is loaded
+    GET  /                      a small web chat page
+
+Requests are validated and rejected with OpenAI-style error bodies ({"error": {"message", "type",
+"param", "code"}}) and status codes. Bounds: request bodies up to 1 MiB, max_tokens up to
+``--max-tokens``, prompt plus reply within the model's context. Concurrency: generations run one at
+a time in arrival order; up to ``--max-queue`` requests wait, more get 503 (clients retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from kubetune.serve.engine import ChatModel, Params, Result
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 1024 * 1024
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
+    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status)
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except RequestError as e:
+        return error_response(e.status, str(e), e.kind, e.param, e.code)
+    except web.HTTPException as e:  # 404, 405, 413 ... in the same shape
+        if e.status < 400:
+            raise
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        return error_response(e.status, e.reason, kind)
+
+
+def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tuple[list[dict], Params, bool]:
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    if body.get("model") not in (None, model.name):
+        raise RequestError(404, f"The model '{body['model']}' does not exist; this server serves '{model.name}'",
+                           "model", "model_not_found")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty array", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+        clean.append({"role": m["role"], "content": content})
+    p = Params()
+    p.max_tokens = _number(body, ("max_completion_tokens", "max_tokens"), int, 1, max_tokens_limit, default=min(256, max_tokens_limit))
+    p.temperature = _number(body, ("temperature",), float, 0.0, 2.0, default=1.0)
+    p.top_p = _number(body, ("top_p",), float, 0.0, 1.0, default=1.0)
+    if p.top_p == 0:
+        raise RequestError(400, "top_p must be greater than 0", "top_p")
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "only n = 1 is supported", "n")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(400, "stop must be a string or up to 4 strings", "stop")
+    p.stop = tuple(stops)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "stream must be a boolean", "stream")
+    return clean, p, stream
+
+
+def _number(body: dict, names: tuple[str, ...], kind, low, high, default):
+    for name in names:
+        if body.get(name) is not None:
+            value = body[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+                raise RequestError(400, f"{name} must be {'an integer' if kind is int else 'a number'}", name)
+            if not low <= value <= high:
+                raise RequestError(400, f"{name} must be between {low} and {high}", name)
+            return kind(value)
+    return default
+
+
+def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[openai_errors])
+    waiting = {"n": 0}
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            raise RequestError(400, "the request body is not valid JSON") from None
+        messages, params, stream = parse_request(body, model, max_tokens)
+        ids = model.encode(messages)
+        if ids.shape[1] + params.max_tokens > model.context:
+            raise RequestError(400, f"the prompt ({ids.shape[1]} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                                    f"the model's context of {model.context} tokens", "messages", "context_length_exceeded")
+        if waiting["n"] >= max_queue:
+            raise RequestError(503, "the server is busy; retry shortly", None, "server_busy", kind="server_error")
+        waiting["n"] += 1
+        try:
+            meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+            if stream:
+                return await _stream(request, model, ids, params, meta)
+            result = await asyncio.to_thread(model.complete, ids, params)
+            return web.json_response({**meta, "object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason}], "usage": _usage(result)})
+        finally:
+            waiting["n"] -= 1
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": model.name, "object": "model", "created": int(model.path.stat().st_mtime), "owned_by": "kubetune"}]})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    app.add_routes([web.post("/v1/chat/completions", chat), web.get("/v1/models", models),
+                    web.get("/healthz", healthz), web.get("/readyz", healthz), web.get("/", index)])
+    return app
+
+
+async def _stream(request: web.Request, model: ChatModel, ids, params: Params, meta: dict) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(delta: dict, finish: str | None = None, usage: dict | None = None) -> None:
+        chunk = {**meta, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if usage:
+            chunk["usage"] = usage
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+    await send({"role": "assistant", "content": ""})
+    pieces = model.stream(ids, params)
+    while True:
+        item = await asyncio.to_thread(next, pieces, None)
+        if item is None:
+            break
+        if isinstance(item, Result):
+            await send({}, item.finish_reason, _usage(item))
+        else:
+            await send({"content": item})
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def _usage(result: Result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def serve(model_path: str, host: str, port: int, name: str | None, max_tokens: int, max_queue: int) -> None:
+    model = ChatModel(model_path, name)
+    print(f"serving '{model.name}' on http://{host}:{port}/v1 (chat page at http://{host}:{port}/)", flush=True)
+    web.run_app(make_app(model, max_tokens, max_queue), host=host, port=port, print=None)
