@@ -58,7 +58,7 @@ def test_operator_works_with_only_the_charts_permissions(control_plane, namespac
 
     # Cluster-wide with peering, exactly as the chart's Deployment runs it.
     with operator(cp, None, kubeconfig=as_operator, peering="kubetune") as op:
-        apply(cp, namespace, ftj_doc("rbac"))
+        apply(cp, namespace, ftj_doc("rbac", serve={"enabled": True}))
         wait_for(lambda: get(cp, namespace, "job", "rbac-prepare"), timeout=90, what="prepare job (see operator log)")
         finish_job(cp, namespace, "rbac-prepare")
         wait_for(lambda: get(cp, namespace, "job", "rbac-train-0"), what="training gang")
@@ -66,5 +66,6 @@ def test_operator_works_with_only_the_charts_permissions(control_plane, namespac
         wait_for(lambda: get(cp, namespace, "job", "rbac-train-1"), what="retry")
         finish_job(cp, namespace, "rbac-train-1")
         wait_phase(cp, namespace, "rbac", "Succeeded")
+        wait_for(lambda: get(cp, namespace, "deployment", "rbac-serve"), what="the serving Deployment")
         log = operator_log(op)
         assert "Forbidden" not in log and "403" not in log, log[-3000:]

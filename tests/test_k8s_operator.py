@@ -194,3 +194,26 @@ def test_pods_may_patch_only_their_own_jobs_status(control_plane, namespace, tmp
         other.send({"step": 1})
     run = cp.kubectl("get", "secrets", "-n", namespace, kubeconfig=cp.kubeconfig_for_token(token), check=False)
     assert run.returncode != 0 and "forbidden" in run.stderr
+
+
+def test_serving_deployment_after_success_and_removed_with_the_job(control_plane, namespace):
+    cp = control_plane
+    with operator(cp, namespace):
+        apply(cp, namespace, ftj_doc("chatbot", serve={"enabled": True}))
+        wait_for(lambda: get(cp, namespace, "job", "chatbot-prepare"), what="prepare job")
+        finish_job(cp, namespace, "chatbot-prepare")
+        wait_for(lambda: get(cp, namespace, "job", "chatbot-train-0"), what="training")
+        assert get(cp, namespace, "deployment", "chatbot-serve") is None  # nothing to serve yet
+        finish_job(cp, namespace, "chatbot-train-0")
+        cp.kubectl("wait", "--for=condition=Succeeded", "ftj/chatbot", "-n", namespace, "--timeout=60s")
+        status = wait_for(lambda: get(cp, namespace, "ftj", "chatbot")["status"].get("endpoint")
+                          and get(cp, namespace, "ftj", "chatbot")["status"], what="endpoint in status")
+        assert status["endpoint"] == f"http://chatbot-serve.{namespace}.svc:8000/v1" and status["reason"] == "Serving"
+        body = get(cp, namespace, "ftj", "chatbot")
+        deployment, service = get(cp, namespace, "deployment", "chatbot-serve"), get(cp, namespace, "service", "chatbot-serve")
+        assert _owned_by(deployment, body) and _owned_by(service, body)
+        init = deployment["spec"]["template"]["spec"]["initContainers"][0]
+        assert init["command"][:3] == ["kubetune", "download", "s3://models/chatbot/model"]
+        cp.kubectl("delete", "ftj", "chatbot", "-n", namespace)
+        for kind in ("deployment", "service"):
+            wait_for(lambda: get(cp, namespace, kind, "chatbot-serve") is None, timeout=90, what=f"{kind} removed")

@@ -83,3 +83,25 @@ def test_conditions_keep_transition_time_until_status_flips():
     by_type = {c["type"]: c for c in done}
     assert by_type["Succeeded"]["status"] == "True" and by_type["Succeeded"]["lastTransitionTime"] == "t3"
     assert by_type["Ready"]["lastTransitionTime"] == "t1" and by_type["Running"]["status"] == "False"
+
+
+def test_serving_deployment_fetches_the_model_then_serves_it():
+    job = _job(serve={"enabled": True, "gpus": 1, "replicas": 2})
+    d = children.serving_deployment(job, "s3://models/out/model", SETTINGS)
+    pod = d["spec"]["template"]["spec"]
+    fetch, server = pod["initContainers"][0], pod["containers"][0]
+    assert fetch["command"] == ["kubetune", "download", "s3://models/out/model", "/model", "--endpoint", "http://minio:9000"]
+    assert fetch["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert server["command"][:3] == ["kubetune", "serve", "/model"] and "bot" in server["command"]
+    assert server["resources"]["limits"] == {"nvidia.com/gpu": 1} and d["spec"]["replicas"] == 2
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert children.serving_endpoint(job) == "http://bot-serve.team-a.svc:8000/v1"
+    assert children.serving_service(job)["spec"]["selector"] == d["spec"]["selector"]["matchLabels"]
+
+
+def test_an_external_serving_image_gets_its_args():
+    job = _job(serve={"enabled": True, "image": "vllm/vllm-openai:v0.11.0",
+                      "args": ["--model", "{model}", "--served-model-name", "{name}", "--port", "{port}"]})
+    server = children.serving_deployment(job, "s3://models/out/model", SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert server["image"] == "vllm/vllm-openai:v0.11.0" and "command" not in server
+    assert server["args"] == ["--model", "/model", "--served-model-name", "bot", "--port", "8000"]

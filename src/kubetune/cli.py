@@ -92,8 +92,9 @@ def _run(args) -> int:
     print(f"\nJob '{job.metadata.name}' finished. In {out}:")
     for name, what in (("model/", "fine-tuned model (Hugging Face format)"), ("data_report.json", "data report"),
                        ("metrics.csv", "metrics per step"), ("loss_curve.png", "loss curve"),
-                       ("tensorboard/", "TensorBoard events")):
+                       ("tensorboard/", "TensorBoard events"), ("eval_report.md", "evaluation, base vs fine-tuned")):
         print(f"  {join(out, name):50s} {what}")
+    print(f"Chat with it: kubetune serve {join(out, 'model')}  (then open http://127.0.0.1:8000/)")
     return 0
 
 
@@ -149,6 +150,17 @@ def _chat(args) -> int:
     return chat(args.target, args.system)
 
 
+def _download(args) -> int:
+    from pathlib import Path
+
+    from kubetune.spec import Storage
+    from kubetune.storage import download_tree
+
+    download_tree(args.source, Path(args.destination), Storage(endpoint=args.endpoint))
+    print(f"downloaded {args.source} to {args.destination}")
+    return 0
+
+
 def _crd(args) -> int:
     import yaml
 
@@ -196,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", help="S3-compatible endpoint URL, e.g. http://localhost:9000")
     p.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     p.set_defaults(func=_upload)
+    p = sub.add_parser("download", help="copy an s3:// prefix (e.g. a trained model) to a local folder")
+    p.add_argument("source", help="s3://bucket/prefix/")
+    p.add_argument("destination")
+    p.add_argument("--endpoint", help="S3-compatible endpoint URL")
+    p.set_defaults(func=_download)
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     p.set_defaults(func=_crd)
     args = parser.parse_args(argv)

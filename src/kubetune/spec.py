@@ -200,6 +200,17 @@ class Serve(_Model):
     """Serving the final model as an OpenAI-compatible endpoint."""
 
     enabled: bool = Field(False, description="Deploy an endpoint after the job succeeds.")
+    replicas: int = Field(1, ge=1, description="Serving pods.")
+    gpus: int = Field(0, ge=0, description="GPUs per serving pod.")
+    cpu: str | None = Field(None, description="CPU request per serving pod.")
+    memory: str | None = Field(None, description="Memory request per serving pod.")
+    image: str | None = Field(
+        None, description="Serving image; default the trainer image running `kubetune serve`. E.g. a vLLM image."
+    )
+    args: list[str] | None = Field(
+        None, description="Container args for a custom image; {model} is replaced by a local copy of the model, "
+        "{name} by the job name, {port} by 8000. E.g. [--model, '{model}', --served-model-name, '{name}', --port, '{port}']."
+    )
 
 
 class FineTuneJobSpec(_Model):

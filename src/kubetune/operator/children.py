@@ -27,6 +27,7 @@ def names(job_name: str) -> dict[str, str]:
         "role": f"{job_name}-progress",
         "prepare": f"{job_name}-prepare",
         "service": f"{job_name}-train",
+        "serve": f"{job_name}-serve",
     }
 
 
@@ -204,3 +205,64 @@ def training_job(job: FineTuneJob, attempt: int, settings: Settings) -> dict:
         pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in r.tolerations]
     return _job(job, training_job_name(job.metadata.name, attempt), "train", pod, settings,
                 completionMode="Indexed", completions=r.nodes, parallelism=r.nodes)
+
+
+SERVE_PORT = 8000
+MODEL_DIR = "/model"
+
+
+def serving_endpoint(job: FineTuneJob) -> str:
+    return f"http://{names(job.metadata.name)['serve']}.{job.metadata.namespace}.svc:{SERVE_PORT}/v1"
+
+
+def serving_deployment(job: FineTuneJob, model_uri: str, settings: Settings) -> dict:
+    """The endpoint: an init container copies the model from storage, then `kubetune serve` (or the
+    image named in spec.serve, e.g. vLLM, with its args) serves it on port 8000."""
+    s, name = job.spec.serve, job.metadata.name
+    trainer_image = job.spec.resources.image or settings.trainer_image
+    endpoint = ["--endpoint", job.spec.storage.endpoint] if job.spec.storage.endpoint else []
+    fill = {"{model}": MODEL_DIR, "{name}": name, "{port}": str(SERVE_PORT)}
+    if s.image:
+        server = {"image": s.image, "args": [_fill(a, fill) for a in s.args or []],
+                  "readinessProbe": {"tcpSocket": {"port": SERVE_PORT}}}
+    else:
+        server = {"image": trainer_image, "imagePullPolicy": settings.image_pull_policy,
+                  "command": ["kubetune", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(SERVE_PORT), "--name", name],
+                  "readinessProbe": {"httpGet": {"path": "/readyz", "port": SERVE_PORT}}}
+    requests = {k: v for k, v in (("cpu", s.cpu), ("memory", s.memory)) if v}
+    limits = {"nvidia.com/gpu": s.gpus} if s.gpus else {}
+    mounts = [{"name": "model", "mountPath": MODEL_DIR}, {"name": "scratch", "mountPath": SCRATCH}]
+    labels_ = labels(job, "serve")
+    selector = {JOB_LABEL: name, "app.kubernetes.io/component": "serve"}
+    pod = {
+        "securityContext": _POD_SECURITY,
+        "initContainers": [{
+            "name": "fetch-model", "image": trainer_image, "imagePullPolicy": settings.image_pull_policy,
+            "command": ["kubetune", "download", model_uri, MODEL_DIR, *endpoint],
+            "env": _env(job), "envFrom": _env_from(job), "volumeMounts": mounts,
+            "securityContext": _CONTAINER_SECURITY,
+        }],
+        "containers": [{
+            "name": "server", **server, "env": _env(job),
+            "ports": [{"name": "http", "containerPort": SERVE_PORT}],
+            "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+            "volumeMounts": mounts, "securityContext": _CONTAINER_SECURITY,
+        }],
+        "volumes": [{"name": "model", "emptyDir": {}}, {"name": "scratch", "emptyDir": {}}],
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(job, names(name)["serve"], "serve"),
+            "spec": {"replicas": s.replicas, "selector": {"matchLabels": selector},
+                     "template": {"metadata": {"labels": labels_}, "spec": pod}}}
+
+
+def serving_service(job: FineTuneJob) -> dict:
+    name = job.metadata.name
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(job, names(name)["serve"], "serve"),
+            "spec": {"selector": {JOB_LABEL: name, "app.kubernetes.io/component": "serve"},
+                     "ports": [{"name": "http", "port": SERVE_PORT, "targetPort": SERVE_PORT}]}}
+
+
+def _fill(arg: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        arg = arg.replace(key, value)
+    return arg

@@ -17,9 +17,8 @@ import kopf
 
 from kubetune.operator import metrics
 from kubetune.operator.children import JOB_LABEL, KUEUE_QUEUE_LABEL, MANAGED_BY
-from kubetune.operator.conditions import FINISHED
 from kubetune.operator.kube import Kube
-from kubetune.operator.reconcile import job_state, reconcile, status_patch
+from kubetune.operator.reconcile import job_state, needs_work, reconcile, status_patch
 from kubetune.operator.settings import Settings
 from kubetune.spec import API_GROUP, API_VERSION
 
@@ -58,7 +57,7 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> None:
             metrics.RECONCILE_ERRORS.inc()
             raise
         if outcome is None:
-            metrics.observe(namespace, name, body["status"]["phase"])
+            metrics.observe(namespace, name, (body.get("status") or {}).get("phase", "Pending"))
             return
         previous = body.get("status") or {}
         patch = status_patch(previous, outcome, body["metadata"].get("generation"))
@@ -75,8 +74,8 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> None:
 # Event handlers, not create/update handlers: they see every change (and, at start, every existing
 # job, which covers an operator restart) without Kopf writing its own bookkeeping into each object.
 @kopf.on.event(*FTJ)
-def on_job(memo: kopf.Memo, type: str, status, namespace: str, name: str, logger, **_) -> None:
-    if type != "DELETED" and (status or {}).get("phase") not in FINISHED:
+def on_job(memo: kopf.Memo, type: str, body, namespace: str, name: str, logger, **_) -> None:
+    if type != "DELETED" and needs_work(body):
         sync_or_retry(memo, namespace, name, logger)
 
 

@@ -20,6 +20,7 @@ class Kube:
         self.batch = client.BatchV1Api(self.client)
         self.rbac = client.RbacAuthorizationV1Api(self.client)
         self.custom = client.CustomObjectsApi(self.client)
+        self.apps = client.AppsV1Api(self.client)
         self._create = {
             "ConfigMap": self.core.create_namespaced_config_map,
             "ServiceAccount": self.core.create_namespaced_service_account,
@@ -27,6 +28,7 @@ class Kube:
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
             "Job": self.batch.create_namespaced_job,
+            "Deployment": self.apps.create_namespaced_deployment,
         }
 
     def _dict(self, obj) -> dict:

@@ -53,10 +53,18 @@ def failure_message(api, namespace: str, job: dict) -> str:
     return reason or "the Job failed"
 
 
+def needs_work(body: dict) -> bool:
+    """False once a job is finished (and, if it serves, its endpoint exists)."""
+    status = body.get("status") or {}
+    if status.get("phase") == Phase.SUCCEEDED.value:
+        return bool(((body.get("spec") or {}).get("serve") or {}).get("enabled")) and not status.get("endpoint")
+    return status.get("phase") not in FINISHED
+
+
 def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]) -> Outcome | None:
     """Drive one FineTuneJob a step further; None when it is finished and there is nothing to do."""
     status = body.get("status") or {}
-    if status.get("phase") in FINISHED:
+    if not needs_work(body):
         return None
     meta = body["metadata"]
     try:
@@ -65,6 +73,8 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
     except SpecError as e:
         return Outcome(Phase.FAILED, "InvalidSpec", "; ".join(e.problems))
     ns, name = meta["namespace"], meta["name"]
+    if status.get("phase") == Phase.SUCCEEDED.value:  # serving was asked for
+        return _serve(job, status, settings, adopt, api)
 
     model_source = None
     if job.spec.model.from_job:
@@ -114,8 +124,10 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
         start(children.training_job(job, attempt, settings))
         return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
     if state == "Complete":
-        return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready",
-                       {**prepared, "outputModel": join(job.spec.output.uri, "model"), "completionTime": now()})
+        done = {**prepared, "outputModel": join(job.spec.output.uri, "model"), "completionTime": now()}
+        if job.spec.serve.enabled:
+            return _serve(job, done, settings, adopt, api)
+        return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready", done)
     if state == "Failed":
         message = failure_message(api, ns, training)
         if attempt >= job.spec.max_retries:
@@ -131,6 +143,15 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
     if state == "Suspended":
         return Outcome(Phase.TRAINING, "Queued", "waiting for admission", prepared)
     return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
+
+
+def _serve(job, status: dict, settings: Settings, adopt, api) -> Outcome:
+    """Deploy the endpoint for a succeeded job (Deployment + Service, owned by the job)."""
+    for obj in (children.serving_deployment(job, status["outputModel"], settings), children.serving_service(job)):
+        adopt(obj)
+        api.create(obj)
+    url = children.serving_endpoint(job)
+    return Outcome(Phase.SUCCEEDED, "Serving", f"the model is ready and served at {url}", {**status, "endpoint": url})
 
 
 def _attempt_text(attempt: int, max_retries: int) -> str:
