@@ -218,10 +218,9 @@ def train(job_file: str) -> None:
         upload_tree(metrics.folder, out, storage)
     log(f"[train] done: model {join(out, 'model')}, metrics {join(out, 'metrics.csv')}, "
         f"loss curve {join(out, plot.name)}")
-    record = {"phase": "done"}
-    if spec.evaluation.samples:
+    if spec.evaluation.samples:  # rank 0 alone, after the gang has let go of its accelerators
         from kubetune.evaluate.run import evaluate_job, summary
 
         report(plan.total_steps, "evaluating", tokens_per_s, None, force=True)
         latest_metrics["evaluation"] = summary(evaluate_job(job, log))
-    report(plan.total_steps, record["phase"], tokens_per_s, 0, force=True)
+    report(plan.total_steps, "done", tokens_per_s, 0, force=True)
