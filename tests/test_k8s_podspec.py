@@ -58,7 +58,8 @@ def test_the_operators_pods_train_a_model(control_plane, namespace, s3, s3_serve
     doc = ftj_doc("podspec", preprocessing={"maxSeqLength": 256, "pii": {"allow": ["no-reply@nimbusnotes.example"]}},
                   training={"method": "full", "epochs": 1, "learningRate": 3e-3, "globalBatchSize": 8,
                             "microBatchSize": 2, "checkpointEvery": 10, "evalEvery": 10},
-                  storage={"endpoint": s3_server, "credentialsSecret": "s3-creds"})
+                  storage={"endpoint": s3_server, "credentialsSecret": "s3-creds"},
+                  evaluation={"samples": 3, "maxNewTokens": 8})
     doc["spec"]["dataset"]["train"] = f"s3://{bucket}/raw/"
     doc["spec"]["output"]["uri"] = f"s3://{bucket}/jobs/podspec/"
     with operator(cp, namespace):
@@ -71,14 +72,15 @@ def test_the_operators_pods_train_a_model(control_plane, namespace, s3, s3_serve
         assert gang["spec"]["completions"] == 2
         pods = [run_pod(cp, namespace, gang, i, tmp_path) for i in range(2)]
         codes = [p.wait(600) for p in pods]
-        logs = "\n".join((tmp_path / f"podspec-train-0-{i}.log").read_text()[-2000:] for i in range(2))
-        assert codes == [0, 0], logs
+        logs = "\n".join((tmp_path / f"podspec-train-0-{i}.log").read_text() for i in range(2))
+        assert codes == [0, 0], logs[-4000:]
         assert "2 process(es) on CPU" in logs  # two pods, one process each, one gang
         finish_job(cp, namespace, "podspec-train-0")
         status = wait_phase(cp, namespace, "podspec", "Succeeded")["status"]
 
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="jobs/podspec/")["Contents"]}
-    assert {"jobs/podspec/model/model.safetensors", "jobs/podspec/data_report.json", "jobs/podspec/metrics.csv"} <= keys
+    assert {"jobs/podspec/model/model.safetensors", "jobs/podspec/data_report.json", "jobs/podspec/metrics.csv",
+            "jobs/podspec/eval_report.md"} <= keys
     assert any(k.endswith("/COMPLETE") for k in keys)
     assert status["outputModel"] == f"s3://{bucket}/jobs/podspec/model"
     report = json.loads(client.get_object(Bucket=bucket, Key="jobs/podspec/data_report.json")["Body"].read())
