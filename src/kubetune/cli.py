@@ -130,6 +130,7 @@ def _evaluate(args) -> int:
 
 def _serve(args) -> int:
     import tempfile
+    from pathlib import Path
 
     from kubetune.serve.server import serve
     from kubetune.spec import Storage
@@ -138,7 +139,7 @@ def _serve(args) -> int:
     path = args.model
     if is_s3(path):
         local = tempfile.mkdtemp(prefix="kubetune-serve-")
-        download_tree(path, __import__("pathlib").Path(local), Storage(endpoint=args.endpoint))
+        download_tree(path, Path(local), Storage(endpoint=args.endpoint))
         path = local
     serve(path, args.host, args.port, args.name, args.max_tokens, args.max_queue)
     return 0
@@ -178,17 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_validate)
     for name, func, text in (("prepare", _prepare, "clean, dedup, scrub and tokenize the job's data"),
                              ("train", _train, "train on already prepared data (resumes from the last checkpoint)"),
-                             ("run", _run, "run the whole job on this machine: prepare, train, validate")):
+                             ("run", _run, "run the whole job on this machine: prepare, train, validate"),
+                             ("evaluate", _evaluate, "generation evaluation of a trained job (base vs fine-tuned)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("job")
         p.add_argument("--output", help="override spec.output.uri")
-        if name != "prepare":
+        if name in ("train", "run"):
             p.add_argument("--nproc", type=int, help="training processes (default: GPUs, else 2 on CPU)")
         p.set_defaults(func=func)
-    p = sub.add_parser("evaluate", help="generation evaluation of a trained job (base vs fine-tuned)")
-    p.add_argument("job")
-    p.add_argument("--output", help="override spec.output.uri")
-    p.set_defaults(func=_evaluate)
     p = sub.add_parser("serve", help="serve a model folder or s3:// model as an OpenAI-compatible endpoint")
     p.add_argument("model", help="a Hugging Face model folder or s3://bucket/prefix/model/")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default 127.0.0.1)")
