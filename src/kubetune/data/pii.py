@@ -78,11 +78,11 @@ def _secret_hint(t: str) -> bool:
     return any(h in t for h in _SECRET_HINTS) or "aws_secret_access_key" in t.lower()
 
 
+_DIGIT = re.compile(r"\d")
+
+
 def _has_digit(t: str) -> bool:
     return _DIGIT.search(t) is not None
-
-
-_DIGIT = re.compile(r"\d")
 
 # (type, pattern, extra check on a match, cheap test that a text could match at all), in the
 # order they are applied. The cheap tests skip most regexes on most texts.

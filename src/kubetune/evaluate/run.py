@@ -10,7 +10,6 @@ shards, and a few prompts with both replies. Written as ``eval_report.json`` and
 from __future__ import annotations
 
 import json
-import math
 import random
 import tempfile
 from pathlib import Path
@@ -54,24 +53,17 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     return out
 
 
-@torch.no_grad()
-def validation_metrics(model, prepared: Path, pad_id: int) -> dict:
-    """Validation loss, perplexity and assistant-token accuracy on the validation shards."""
+def validation(model, prepared: Path, pad_id: int) -> dict:
+    """Validation loss, perplexity and assistant-token accuracy on the validation shards (as in training)."""
     from kubetune.train import attention
-    from kubetune.train.data import collate, load_rows, to_device, token_stats
+    from kubetune.train.data import load_rows, validation_metrics, validation_totals
 
     rows = load_rows(prepared, "validation")
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.register())  # packed rows: attend within documents
-    loss_sum, correct, count = 0.0, 0, 0
-    for i in range(0, len(rows), 4):
-        batch = to_device(collate(rows, range(i, min(i + 4, len(rows))), pad_id), model.device)
-        labels = batch.pop("labels")
-        loss, c, n = token_stats(model(**batch).logits, labels)
-        loss_sum, correct, count = loss_sum + loss.item(), correct + c, count + n
+    totals = validation_totals(model, rows, list(range(len(rows))), 4, pad_id, model.device)
     model.set_attn_implementation(previous)
-    loss = loss_sum / max(count, 1)
-    return {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50)), "valid_mean_token_accuracy": correct / max(count, 1)}
+    return validation_metrics(totals)
 
 
 def _local_root(job: FineTuneJob, scratch: Path) -> Path:
@@ -109,7 +101,7 @@ def evaluate_job(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
             generated = generate(model, tokenizer, prompts, ev.max_new_tokens)
             replies[name] = [g[0] for g in generated]
             metrics, why = score(replies[name], references, [g[1] for g in generated]) if prompts else ({}, [])
-            results[name] = {**validation_metrics(model, prepared, tokenizer.pad_token_id), **metrics}
+            results[name] = {**validation(model, prepared, tokenizer.pad_token_id), **metrics}
             notes += [n for n in why if n not in notes]
     report = {
         "samples": len(prompts),

@@ -96,6 +96,10 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
             ensure(obj)
         ensure(workload)
 
+    def start_gang(attempt: int) -> None:
+        ensure(children.headless_service(job))
+        start(children.training_job(job, attempt, settings))
+
     n = children.names(name)
     attempt = int(status.get("retries") or 0)
     train_name = children.training_job_name(name, attempt)
@@ -120,8 +124,7 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
     state = job_state(training)
     prepared = {"prepared": True, "trainingJob": train_name}
     if state == "Missing":
-        ensure(children.headless_service(job))
-        start(children.training_job(job, attempt, settings))
+        start_gang(attempt)
         return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
     if state == "Complete":
         done = {**prepared, "outputModel": join(job.spec.output.uri, "model"), "completionTime": now()}
@@ -135,8 +138,7 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
                            f"training failed {attempt + 1} time(s), spec.maxRetries is {job.spec.max_retries}: {message}")
         api.delete_job(ns, train_name)
         retry = attempt + 1
-        ensure(children.headless_service(job))
-        start(children.training_job(job, retry, settings))
+        start_gang(retry)
         return Outcome(Phase.TRAINING, "Retrying",
                        f"attempt {attempt + 1} failed ({message}); attempt {retry + 1} resumes from the latest checkpoint",
                        {**prepared, "retries": retry, "trainingJob": children.training_job_name(name, retry)})

@@ -9,7 +9,6 @@ marker (a run killed while saving, an upload cut short) is ignored on resume and
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -19,6 +18,7 @@ import torch.distributed as dist
 
 from kubetune.spec import Storage
 from kubetune.storage import StorageError, download_tree, is_s3, join, store_for, upload_tree
+from kubetune.train.data import is_node_leader
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"/checkpoints/(step-(\d+))/")
@@ -64,7 +64,7 @@ def save(engine, output: str, storage: Storage, scratch: Path, step: int, client
     engine.save_checkpoint(str(folder), tag=tag(step), client_state=client_state, save_latest=False)
     dist.barrier()
     uri = join(checkpoints_uri(output), tag(step))
-    if is_s3(output) and _is_node_leader():
+    if is_s3(output) and is_node_leader():
         upload_tree(folder / tag(step), uri, storage)  # each node uploads what its ranks wrote
     dist.barrier()
     if dist.get_rank() == 0:
@@ -72,7 +72,7 @@ def save(engine, output: str, storage: Storage, scratch: Path, step: int, client
         store_for(output, storage).write_bytes(join(uri, MARKER), json.dumps(marker).encode())
         _prune(output, storage, keep)
     dist.barrier()
-    if is_s3(output) and _is_node_leader():
+    if is_s3(output) and is_node_leader():
         shutil.rmtree(folder / tag(step), ignore_errors=True)
     return uri
 
@@ -80,7 +80,7 @@ def save(engine, output: str, storage: Storage, scratch: Path, step: int, client
 def load(engine, output: str, storage: Storage, scratch: Path, step: int) -> dict:
     """Load a complete checkpoint on every rank; returns the client state."""
     folder = local_dir(output, scratch)
-    if is_s3(output) and _is_node_leader():
+    if is_s3(output) and is_node_leader():
         download_tree(join(checkpoints_uri(output), tag(step)), folder / tag(step), storage)
     dist.barrier()
     _, client_state = engine.load_checkpoint(str(folder), tag=tag(step))
@@ -93,7 +93,3 @@ def _prune(output: str, storage: Storage, keep: int) -> None:
     store = store_for(output, storage)
     for step in complete[:-keep] + [s for s in incomplete if s < newest]:
         store.delete_prefix(join(checkpoints_uri(output), tag(step)))
-
-
-def _is_node_leader() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0

@@ -9,6 +9,8 @@ against the documents run alone in tests/test_train_data.py.
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +77,28 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     correct = int(((logits.detach().argmax(-1) == target) & keep).sum())
     return loss, correct, int(keep.sum())
 
+
+
+@torch.no_grad()
+def validation_totals(model, rows: Rows, idx: list[int], micro: int, pad_id: int, device) -> torch.Tensor:
+    """(summed loss, correct, count) over the given validation rows, as float64 on ``device``."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(idx), micro):
+        batch = to_device(collate(rows, idx[i : i + micro], pad_id), device)
+        labels = batch.pop("labels")
+        loss, correct, count = token_stats(model(**batch).logits, labels)
+        totals += torch.tensor([loss.item(), correct, count], dtype=torch.float64)
+    return totals.to(device)
+
+
+def validation_metrics(totals: torch.Tensor) -> dict:
+    """Validation loss, perplexity and mean token accuracy, as OpenAI's fine-tuning reports them."""
+    loss_sum, correct, count = totals.tolist()
+    loss = loss_sum / max(count, 1)
+    return {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50)),
+            "valid_mean_token_accuracy": correct / max(count, 1)}
+
+
+def is_node_leader() -> bool:
+    """The first process on this machine: it does the per-node downloads and uploads."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import download_tree, is_s3, join, upload_tree
 from kubetune.train import attention, checkpoint
-from kubetune.train.data import Rows, collate, load_rows, to_device, token_stats
+from kubetune.train.data import (Rows, collate, is_node_leader, load_rows, to_device, token_stats,
+                                 validation_metrics, validation_totals)
 from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_batches, step_rows
 from kubetune.train.progress import reporter_for
 
@@ -74,23 +75,12 @@ def build_model(job: FineTuneJob, tokenizer, source: str | None, dtype: torch.dt
 
 
 def evaluate(engine, rows: Rows, rank: int, world: int, micro: int, pad_id: int) -> dict:
-    """Validation loss, perplexity and mean token accuracy on assistant tokens, over all ranks."""
+    """Validation metrics on assistant tokens; each rank takes a slice, the totals are summed."""
     engine.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    mine = list(range(rank, len(rows), world))
-    with torch.no_grad():
-        for i in range(0, len(mine), micro):
-            batch = to_device(collate(rows, mine[i : i + micro], pad_id), engine.device)
-            labels = batch.pop("labels")
-            loss, correct, count = token_stats(engine(**batch).logits, labels)
-            totals += torch.tensor([loss.item(), correct, count], dtype=torch.float64)
+    totals = validation_totals(engine, rows, list(range(rank, len(rows), world)), micro, pad_id, engine.device)
     engine.train()
-    totals = totals.to(engine.device)
     dist.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
-    loss = loss_sum / max(count, 1)
-    return {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50)),
-            "valid_mean_token_accuracy": correct / max(count, 1)}
+    return validation_metrics(totals)
 
 
 def fetch_prepared(job: FineTuneJob, scratch: Path) -> Path:
@@ -99,7 +89,7 @@ def fetch_prepared(job: FineTuneJob, scratch: Path) -> Path:
     if not is_s3(out):
         return Path(out)
     local = scratch / "input"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if is_node_leader():
         for part in ("prepared", "tokenizer"):
             download_tree(join(out, part), local / part, job.spec.storage)
     dist.barrier()
