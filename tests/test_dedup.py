@@ -1,8 +1,14 @@
+import json
 import random
 
 import numpy as np
+import orjson
+import pytest
 
-from kubetune.data.dedup import NearDedup, jaccard, lsh_params
+from conftest import job_doc
+from kubetune.data.dedup import NearDedup, exact_key, jaccard, lsh_params
+from kubetune.data.prepare import prepare
+from kubetune.spec import parse_job
 
 WORDS = [f"w{i}" for i in range(5000)]
 
@@ -51,3 +57,35 @@ def test_lsh_params_fill_num_perm_and_favour_recall():
     assert bands * rows <= 128
     p_at_threshold = 1 - (1 - 0.8**rows) ** bands
     assert p_at_threshold >= 0.98
+
+
+def test_exact_key_ignores_runs_of_whitespace():
+    base = "user: How do I reset my password?\nassistant: Open Settings, then Security."
+    for copy in (base.replace(" ", "  "), "  " + base + " \n", base.replace("\n", " "), base.replace(" ", "\t"),
+                 base.replace(", ", ",\n\t ")):
+        assert exact_key(copy) == exact_key(base), repr(copy)
+    assert exact_key(base.replace("Security", "Privacy")) != exact_key(base)
+    assert exact_key("reset password") != exact_key("resetpassword")  # a run counts as one space, not none
+
+
+@pytest.mark.parametrize("near", [True, False])
+def test_spacing_only_copies_are_exact_duplicates_in_the_report(tmp_path, near):
+    def chat(question, reply):
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+
+    originals = [chat(f"How do I export report {i}?", f"Open the  Reports tab,\tpick report {i} and choose Export as CSV.")
+                 for i in range(20)]
+    copies = []
+    for i, o in enumerate(originals):
+        question, reply = (m["content"] for m in o["messages"])
+        spaced = [reply.replace("  ", " ").replace("\t", " "), reply.replace(" ", "   "), reply.replace(", ", ",\n"),
+                  reply.replace(" ", "\t")][i % 4]
+        copies.append(chat(" " + question.replace(" ", "  ") + "\t", spaced))
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in originals + copies))
+    job = parse_job(job_doc(str(data), str(tmp_path / "out"), preprocessing={"maxSeqLength": 256, "dedup": {"near": near}}))
+    report = prepare(job, log=lambda _: None)
+    assert report["duplicates"] == {"exact": 20, "near": 0}
+    kept = [json.loads(line)["messages"][1]["content"] for split in ("train", "validation")
+            for line in (tmp_path / f"out/prepared/{split}.jsonl").read_text().splitlines()]
+    assert sorted(kept) == sorted(m["messages"][1]["content"] for m in originals)  # the text keeps its spacing
