@@ -38,3 +38,14 @@ def test_crd_names_and_status():
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]][:2] == ["Phase", "Progress"]
     assert "exactly one" in version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["model"]["description"].lower()
+
+
+def test_only_what_the_operator_rereads_may_change_after_creation():
+    # Transition rules (they use oldSelf): the API server rejects an edit of any other spec field.
+    spec = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = {r["fieldPath"]: r for r in spec["x-kubernetes-validations"]}
+    for name in spec["properties"]:
+        if name in ("suspend", "maxRetries"):
+            assert f".{name}" not in rules, name
+        else:
+            assert "oldSelf" in rules[f".{name}"]["rule"] and name in rules[f".{name}"]["message"], name

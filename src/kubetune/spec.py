@@ -213,8 +213,43 @@ class Serve(_Model):
     )
 
 
+# What may change once a job exists. Everything else is fixed at creation: the pods' job file (a
+# ConfigMap) and every retry's gang are built from the spec, so an edit would be ignored or mix two
+# specs in one job. These three are read by the operator alone, when it acts on them, so edits take effect.
+EDITABLE_FIELDS = ("suspend", "maxRetries", "serve")
+_EDITABLE = "only suspend, maxRetries and serve (while serve.enabled is false) can; create a new job instead"
+
+
+def _immutable_rules(schema: dict) -> None:
+    """CEL transition rules for the CRD (the API server checks them on updates, against oldSelf).
+
+    A rule on spec cannot see status, so "immutable" means from creation on, as in Kubeflow's TrainJob.
+    One rule per field, so the rejection names the field. Defaults are not stored (see kubetune.crd), so
+    an optional field's presence counts too.
+    """
+    rules = []
+    for name in schema["properties"]:
+        if name in EDITABLE_FIELDS:
+            continue
+        same = f"self.{name} == oldSelf.{name}"
+        if name not in schema.get("required", []):
+            same = f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || {same})"
+        rules.append({"rule": same, "fieldPath": f".{name}", "reason": "FieldValueForbidden",
+                      "message": f"{name} cannot change once the job exists; {_EDITABLE}"})
+    # The operator creates the endpoint once, as spec.serve is then: so serve may be set up (even after
+    # the job succeeded), but not changed while enabled.
+    rules.append({"rule": "!has(oldSelf.serve) || !has(oldSelf.serve.enabled) || !oldSelf.serve.enabled || "
+                          "(has(self.serve) && self.serve == oldSelf.serve)",
+                  "fieldPath": ".serve", "reason": "FieldValueForbidden",
+                  "message": "serve cannot change while serve.enabled is true: the endpoint is deployed from it "
+                             "once; change the job's -serve Deployment directly instead"})
+    schema["x-kubernetes-validations"] = rules
+
+
 class FineTuneJobSpec(_Model):
     """A fine-tuning job: data in, a tuned chat model out."""
+
+    model_config = ConfigDict(json_schema_extra=_immutable_rules)
 
     model: ModelSource
     dataset: Dataset

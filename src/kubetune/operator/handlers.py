@@ -1,10 +1,11 @@
 """Kopf handlers: thin triggers around ``reconcile``.
 
-A FineTuneJob is reconciled when it changes, when the operator starts, and when one of its Jobs
-finishes (or is admitted by Kueue). All triggers run the same idempotent ``sync``; a per-job lock
-keeps two of them from racing inside one operator, and peering keeps a second replica idle. A sync
-that fails (say, the API server is briefly away) is retried with backoff. There is no per-job
-timer: with 1 000 jobs, Kopf's per-object timers alone took the operator past 250 MB.
+A FineTuneJob is reconciled when it changes, when the operator starts, when one of its Jobs
+finishes (or is admitted by Kueue), and when the job its ``model.fromJob`` names finishes. All
+triggers run the same idempotent ``sync``; a per-job lock keeps two of them from racing inside one
+operator, and peering keeps a second replica idle. A sync that fails (say, the API server is briefly
+away) is retried with backoff. There is no per-job timer: with 1 000 jobs, Kopf's per-object timers
+alone took the operator past 250 MB.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import kopf
 
 from kubetune.operator import metrics
 from kubetune.operator.children import JOB_LABEL, KUEUE_QUEUE_LABEL, MANAGED_BY
+from kubetune.operator.conditions import FINISHED
 from kubetune.operator.kube import Kube
 from kubetune.operator.reconcile import job_state, needs_work, reconcile, status_patch
 from kubetune.operator.settings import Settings
@@ -45,12 +47,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
         metrics.serve(config.metrics_port)
 
 
-def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> None:
+def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> bool:
+    """Reconcile one job; True when this call moved it to Succeeded or Failed."""
     with _locks[f"{namespace}/{name}"], metrics.HANDLER_SECONDS.time():
         body = memo.api.get_ftj(namespace, name)
         if body is None:
             metrics.forget(namespace, name)
-            return
+            return False
         try:
             outcome = reconcile(memo.api, memo.settings, body, adopt=lambda obj: kopf.adopt(obj, owner=body))
         except Exception:
@@ -58,7 +61,7 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> None:
             raise
         if outcome is None:
             metrics.observe(namespace, name, (body.get("status") or {}).get("phase", "Pending"))
-            return
+            return False
         previous = body.get("status") or {}
         patch = status_patch(previous, outcome, body["metadata"].get("generation"))
         changed = {k: v for k, v in patch.items() if previous.get(k) != v}
@@ -69,6 +72,7 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> None:
             event = kopf.warn if outcome.phase.value == "Failed" else kopf.info
             event(body, reason=outcome.reason, message=outcome.message)
             logger.info(f"{namespace}/{name}: {outcome.phase.value} ({outcome.reason}) {outcome.message}")
+        return previous.get("phase") not in FINISHED and outcome.phase.value in FINISHED
 
 
 # Event handlers, not create/update handlers: they see every change (and, at start, every existing
@@ -91,9 +95,31 @@ def on_child_job(memo: kopf.Memo, body, namespace: str, logger, **_) -> None:
 def sync_or_retry(memo: kopf.Memo, namespace: str, name: str, logger, delay: float = 5.0) -> None:
     # Kopf does not retry event handlers; a failed sync would otherwise wait for the next change.
     try:
-        sync(memo, namespace, name, logger)
+        finished = sync(memo, namespace, name, logger)
     except Exception as e:
-        logger.warning(f"reconcile of {namespace}/{name} failed ({type(e).__name__}: {e}); retrying in {delay:.0f} s")
-        retry = threading.Timer(delay, sync_or_retry, (memo, namespace, name, logger, min(delay * 2, 300.0)))
-        retry.daemon = True
-        retry.start()
+        _retry_later(f"reconcile of {namespace}/{name}", e, logger, delay, sync_or_retry, memo, namespace, name, logger)
+        return
+    if finished:
+        wake_waiting_jobs(memo, namespace, name, logger)
+
+
+def wake_waiting_jobs(memo: kopf.Memo, namespace: str, base: str, logger, delay: float = 5.0) -> None:
+    """Reconcile the jobs whose model.fromJob is ``base``, which just finished: nothing else changes
+    for them, so without this they would wait until they are edited or the operator restarts. (After a
+    crash in between, the restart reconciles every unfinished job anyway.)"""
+    try:
+        waiting = [body["metadata"]["name"] for body in memo.api.list_ftjs(namespace)
+                   if ((body.get("spec") or {}).get("model") or {}).get("fromJob") == base and needs_work(body)]
+    except Exception as e:
+        _retry_later(f"listing the jobs waiting for {namespace}/{base}", e, logger, delay,
+                     wake_waiting_jobs, memo, namespace, base, logger)
+        return
+    for name in waiting:
+        sync_or_retry(memo, namespace, name, logger)
+
+
+def _retry_later(what: str, error: Exception, logger, delay: float, func, *args) -> None:
+    logger.warning(f"{what} failed ({type(error).__name__}: {error}); retrying in {delay:.0f} s")
+    retry = threading.Timer(delay, func, (*args, min(delay * 2, 300.0)))
+    retry.daemon = True
+    retry.start()

@@ -38,6 +38,9 @@ class Kube:
         return self._absent_is_none(
             lambda: self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name))
 
+    def list_ftjs(self, namespace: str) -> list[dict]:
+        return self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)["items"]
+
     def patch_ftj_status(self, namespace: str, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(
             API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": status})

@@ -76,14 +76,15 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
     if status.get("phase") == Phase.SUCCEEDED.value:  # serving was asked for
         return _serve(job, status, settings, adopt, api)
 
-    model_source = None
-    if job.spec.model.from_job:
-        previous = api.get_ftj(ns, job.spec.model.from_job)
-        prev_status = (previous or {}).get("status") or {}
-        if prev_status.get("phase") != Phase.SUCCEEDED.value:
-            return Outcome(Phase.PENDING, "WaitingForBaseJob",
-                           f"model.fromJob '{job.spec.model.from_job}' has not succeeded yet")
-        model_source = prev_status["outputModel"]
+    # fromJob is resolved once, before the job starts, and kept in status.baseModel: deleting the base
+    # job later must not send a running job back to Pending. The handlers re-run this when a base finishes.
+    model_source = status.get("baseModel")
+    if job.spec.model.from_job and not model_source:
+        waiting = _base_model(api, ns, name, job.spec.model.from_job)
+        if isinstance(waiting, Outcome):
+            return waiting
+        model_source = waiting
+    base = {"baseModel": model_source} if job.spec.model.from_job else {}
 
     def ensure(obj: dict) -> None:
         adopt(obj)  # owner reference: deleting the FineTuneJob deletes the child
@@ -113,7 +114,7 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
         state = job_state(prepare)
         if state == "Missing":
             start(children.prepare_job(job, settings))
-            return Outcome(Phase.PREPARING, "Preparing", "preparing the data")
+            return Outcome(Phase.PREPARING, "Preparing", "preparing the data", base)
         if state == "Failed":
             return Outcome(Phase.FAILED, "PreparationFailed", failure_message(api, ns, prepare))
         if state != "Complete":
@@ -145,6 +146,23 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
     if state == "Suspended":
         return Outcome(Phase.TRAINING, "Queued", "waiting for admission", prepared)
     return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
+
+
+def _base_model(api, ns: str, name: str, base: str) -> str | Outcome:
+    """The output model of job ``base``, or the Outcome to report while it is not there (yet)."""
+    if base == name:
+        return Outcome(Phase.FAILED, "InvalidSpec", "model.fromJob names this job itself")
+    body = api.get_ftj(ns, base)
+    if body is None:  # it may still be created (e.g. a folder applied in any order): wait, but say so
+        return Outcome(Phase.PENDING, "WaitingForBaseJob",
+                       f"model.fromJob '{base}' does not exist in namespace '{ns}'; waiting for it to be created and succeed")
+    status = body.get("status") or {}
+    if status.get("phase") == Phase.FAILED.value:  # Failed is final: waiting would be forever
+        return Outcome(Phase.FAILED, "BaseJobFailed", f"model.fromJob '{base}' failed: {status.get('message', '')}")
+    if status.get("phase") != Phase.SUCCEEDED.value or not status.get("outputModel"):
+        return Outcome(Phase.PENDING, "WaitingForBaseJob",
+                       f"model.fromJob '{base}' has not succeeded yet (it is {status.get('phase') or 'Pending'})")
+    return status["outputModel"]
 
 
 def _serve(job, status: dict, settings: Settings, adopt, api) -> Outcome:

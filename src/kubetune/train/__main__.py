@@ -2,9 +2,13 @@
 
 import sys
 
+from kubetune.train.extensions import BuildLockTimeout
 from kubetune.train.recipe import train
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: torchrun ... -m kubetune.train JOB_FILE")
-    train(sys.argv[1])
+    try:
+        train(sys.argv[1])
+    except BuildLockTimeout as e:  # a clear line, not a traceback
+        sys.exit(f"error: {e}")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import download_tree, is_s3, join, upload_tree
-from kubetune.train import attention, checkpoint
+from kubetune.train import attention, checkpoint, extensions
 from kubetune.train.data import (Rows, collate, is_node_leader, load_rows, to_device, token_stats,
                                  validation_metrics, validation_totals)
 from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_batches, step_rows
@@ -107,6 +107,7 @@ def train(job_file: str) -> None:
     # --- setup ---------------------------------------------------------------------------------
     job = load_job(job_file)
     spec, t = job.spec, job.spec.training
+    extensions.build_ops()  # first, under a lock a killed run cannot leave stuck (see extensions)
     deepspeed.init_distributed()  # nccl on GPUs, gloo on DeepSpeed's CPU accelerator
     rank, world = dist.get_rank(), dist.get_world_size()
     accelerator = deepspeed.get_accelerator()
