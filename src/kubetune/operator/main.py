@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 
 from kubetune.operator.settings import Settings
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         standalone=not settings.peering,
         peering_name=settings.peering or None,
         liveness_endpoint=args.liveness or None,
+        # Kopf's default identity asks the passwd database for the user name, which fails for a
+        # UID with no entry (the chart's 10001, OpenShift's random UIDs); the pod name is unique.
+        identity=f"kubetune-operator@{socket.gethostname()}",
         memo=kopf.Memo(settings=settings),
     )
 

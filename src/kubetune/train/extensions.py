@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -79,6 +80,12 @@ def build_ops(log=print) -> None:
     build_dir = extensions_dir() / builder.NAME  # where torch.utils.cpp_extension builds it
     timeout = float(os.environ.get("KUBETUNE_BUILD_LOCK_TIMEOUT", 600))
     with build_lock(build_dir, timeout, log):
+        prebuilt = Path(os.environ.get("KUBETUNE_PREBUILT_EXTENSIONS", "/nonexistent")) / builder.NAME
+        if not list(build_dir.glob("*.so")) and list(prebuilt.glob("*.so")):
+            # Built into the trainer image; copied (mtimes kept, so ninja finds it up to date) because
+            # torch wants to write a lock file beside it and the image's filesystem is read-only.
+            shutil.rmtree(build_dir, ignore_errors=True)
+            shutil.copytree(prebuilt, build_dir)
         if not list(build_dir.glob("*.so")):
             log(f"[train] building DeepSpeed's {builder.NAME} op into {build_dir} (once; about a minute)")
         builder.load()  # cached in DeepSpeed's process-wide op table: init_distributed reuses it

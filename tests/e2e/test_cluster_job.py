@@ -1,0 +1,257 @@
+"""The whole job in a real cluster, as a user runs it: `helm install` the chart with the images built
+here, upload the example data, `kubectl apply` a two-node CPU FineTuneJob that serves its model,
+kill a training pod after the first checkpoint, chat with the result through its Service with the
+official openai client, then delete the job.
+
+Runs against the cluster in $KUBETUNE_E2E_KUBECONFIG (scripts/e2e.sh starts scripts/cluster.sh's
+one-node cluster and builds the images); skipped otherwise. Pods reach the S3 server this test
+starts on $KUBETUNE_E2E_HOST_IP (an address of this machine that pods can reach).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from conftest import EXAMPLES, ROOT, start_moto
+
+KUBECONFIG = os.environ.get("KUBETUNE_E2E_KUBECONFIG")
+HOST_IP = os.environ.get("KUBETUNE_E2E_HOST_IP", "127.0.0.1")
+BIN = os.environ.get("KUBETUNE_E2E_BIN", "")  # folder with kubectl and helm
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not KUBECONFIG, reason="set KUBETUNE_E2E_KUBECONFIG (scripts/e2e.sh)")]
+
+RELEASE_NS = "kubetune-system"
+JOB = "nimbus-support"
+# Planted credentials: the S3 server accepts any; no log, event or status may show the secret.
+ACCESS_KEY, SECRET_KEY = "AKIAE2E" + uuid.uuid4().hex[:13].upper(), "e2e-secret-" + uuid.uuid4().hex
+
+
+def env() -> dict:
+    return {**os.environ, "KUBECONFIG": KUBECONFIG, "PATH": f"{BIN}:{os.environ['PATH']}" if BIN else os.environ["PATH"]}
+
+
+def sh(*args: str, check: bool = True, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    run = subprocess.run(args, env=env(), capture_output=True, text=True, input=input, timeout=timeout)
+    if check and run.returncode:
+        raise AssertionError(f"{' '.join(args)} failed ({run.returncode}): {run.stderr[-3000:]}")
+    return run
+
+
+def kubectl(*args: str, **kw) -> subprocess.CompletedProcess:
+    return sh("kubectl", *args, **kw)
+
+
+def get_json(*args: str) -> dict:
+    return json.loads(kubectl("get", *args, "-o", "json").stdout)
+
+
+def ftj(ns: str) -> dict:
+    return get_json("ftj", JOB, "-n", ns)
+
+
+def until(ns: str, check, timeout: float, what: str, interval: float = 1.0):
+    """Wait for check(status) to be truthy; fail at once, with the reason, if the job failed."""
+    def step():
+        status = ftj(ns).get("status") or {}
+        if status.get("phase") == "Failed":
+            raise AssertionError(f"the job failed while waiting for {what}: {status.get('message')}")
+        return check(status)
+    return wait_for(step, timeout, what, interval)
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def log(message: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1")
+    proc, url = start_moto(host=HOST_IP)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def passed(request) -> bool:
+    return not getattr(request.session, "e2e_failed", False)  # on failure, keep everything to look at
+
+
+@pytest.fixture(scope="module")
+def namespace(request):
+    """The job's namespace, enforcing the restricted Pod Security Standard like the operator's."""
+    ns = f"e2e-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", ns)
+    kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+    yield ns
+    if passed(request):
+        kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def operator_release(request):
+    """`helm install` the chart: the locally built operator image, in a restricted namespace."""
+    kubectl("create", "namespace", RELEASE_NS, check=False)
+    kubectl("label", "--overwrite", "namespace", RELEASE_NS, "pod-security.kubernetes.io/enforce=restricted")
+    sh("helm", "uninstall", "kubetune", "-n", RELEASE_NS, "--wait", check=False)
+    sh("helm", "install", "kubetune", str(ROOT / "charts" / "kubetune"), "-n", RELEASE_NS,
+       "-f", str(ROOT / "charts" / "kubetune" / "values-local.yaml"),
+       "--set", "localS3.enabled=false",  # the MinIO image cannot be pulled here; the test serves S3
+       "--wait", "--timeout", "5m")
+    yield
+    if passed(request):
+        sh("helm", "uninstall", "kubetune", "-n", RELEASE_NS, "--wait", check=False)
+
+
+def job_manifest(s3_url: str) -> dict:
+    doc = yaml.safe_load((EXAMPLES / "kind-job.yaml").read_text())
+    doc["spec"]["storage"]["endpoint"] = s3_url
+    doc["spec"]["dataset"]["train"] = "s3://kubetune/data/"
+    doc["spec"]["output"]["uri"] = f"s3://kubetune/jobs/{JOB}/"
+    doc["spec"]["serve"] = {"enabled": True, "cpu": "500m", "memory": "1Gi"}
+    doc["spec"]["evaluation"] = {"samples": 4, "maxNewTokens": 16}
+    # Checkpoints every 20 of the 96 steps: a kill after the first one has steps left to redo.
+    doc["spec"]["training"]["checkpointEvery"] = 20
+    # Two training pods and the operator (100m) fit on a 2-CPU node: one rank per pod.
+    doc["spec"]["resources"]["cpu"] = "900m"
+    return doc
+
+
+def training_pods(ns: str, attempt: int) -> list[dict]:
+    return get_json("pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={JOB}-train-{attempt}")["items"]
+
+
+def last_step(text: str) -> int:
+    steps = re.findall(r"step (\d+)/\d+", text)
+    return int(steps[-1]) if steps else 0
+
+
+def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
+    ns = namespace
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="kubetune")
+    sh(sys.executable, "-m", "kubetune.cli", "upload", str(EXAMPLES / "data"), "s3://kubetune/data/", "--endpoint", s3)
+    kubectl("create", "secret", "generic", "s3-credentials", "-n", ns,
+            f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}", f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}")
+
+    applied = time.monotonic()
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(job_manifest(s3)))
+    log("applied; waiting for the prepare pod")
+
+    # Preparing: one pod, then the data report in the status.
+    report = until(ns, lambda s: s.get("dataReport"), 600, "status.dataReport from the prepare pod")
+    assert report["train"] > 100 and report["piiRedacted"] > 0, report
+    log(f"prepared in {time.monotonic() - applied:.0f}s: {report}")
+
+    # Training: two pods behind the headless Service; progress written by the trainer itself.
+    wait_for(lambda: len(training_pods(ns, 0)) == 2, 120, "two training pods")
+    first_ckpt = until(ns, lambda s: (s.get("progress") or {}).get("checkpoint"), 900,
+                       "the first checkpoint in status.progress", interval=0.5)
+    pods = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p["metadata"]["name"]
+            for p in training_pods(ns, 0)}
+    rank0_log = kubectl("logs", "-n", ns, pods["0"]).stdout
+    assert "2 process(es)" in rank0_log, rank0_log[-2000:]  # the gang met: world size 2 across two pods
+    killed_at = last_step(rank0_log)
+    kubectl("delete", "pod", "-n", ns, pods["1"], "--grace-period=0", "--force")
+    log(f"killed {pods['1']} at step {killed_at} (checkpoint {first_ckpt})")
+
+    # The operator starts attempt 2, which resumes from that checkpoint.
+    wait_for(lambda: len(training_pods(ns, 1)) == 2, 300, "the second attempt's pods")
+    until(ns, lambda s: s.get("phase") == "Succeeded", 1200, "Succeeded")
+    kubectl("wait", "-n", ns, "--for=condition=Succeeded", f"ftj/{JOB}", "--timeout=10s")  # as a user waits
+    took = time.monotonic() - applied
+    body = ftj(ns)
+    status = body["status"]
+    assert status["retries"] == 1, status
+    attempt2 = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p["metadata"]["name"]
+                for p in training_pods(ns, 1)}
+    resumed_log = kubectl("logs", "-n", ns, attempt2["0"]).stdout
+    resumed = re.search(r"resuming from the complete checkpoint at step (\d+)", resumed_log)
+    assert resumed, resumed_log[-2000:]
+    resumed_at = int(resumed.group(1))
+    assert resumed_at >= int(first_ckpt.rstrip("/").rsplit("step-", 1)[1]), (resumed_at, first_ckpt)
+    progress = status["progress"]
+    assert progress["step"] == progress["totalSteps"] == last_step(resumed_log), progress
+    redone = max(0, killed_at - resumed_at)
+    assert redone <= job_manifest(s3)["spec"]["training"]["checkpointEvery"]
+    log(f"Succeeded {took:.0f}s after apply; killed at step {killed_at}, resumed at {resumed_at}: "
+        f"{redone} step(s) redone; final step {progress['step']}")
+
+    # Checkpoints and the model are in S3.
+    client = boto3.client("s3", endpoint_url=s3)
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="kubetune", Prefix=f"jobs/{JOB}/")
+            for o in page.get("Contents", [])]
+    assert any("/checkpoints/" in k for k in keys) and any(k.endswith("/model/config.json") for k in keys), keys[:50]
+    assert status["outputModel"] == f"s3://kubetune/jobs/{JOB}/model"
+
+    # Serving: the Deployment becomes ready; the openai client chats through the Service.
+    kubectl("rollout", "status", "-n", ns, f"deployment/{JOB}-serve", "--timeout=600s", timeout=620)
+    reply = chat_through_service(ns)
+    assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
+    log(f"served: {reply.choices[0].message.content[:80]!r}")
+
+    # Nothing secret in logs, events or status.
+    assert_no_secret(ns)
+
+    # Deleting the job removes every child; the data and the model stay in S3.
+    kubectl("delete", "ftj", JOB, "-n", ns, "--wait=true", timeout=120)
+    kinds = "jobs,pods,services,deployments,configmaps,serviceaccounts,roles,rolebindings"
+    wait_for(lambda: not kubectl("get", kinds, "-n", ns, "-l", f"kubetune.dev/job={JOB}", "-o", "name").stdout.strip(),
+             180, "every child to go")
+    after = client.list_objects_v2(Bucket="kubetune", Prefix=f"jobs/{JOB}/model/")["KeyCount"]
+    assert after > 0 and client.list_objects_v2(Bucket="kubetune", Prefix="data/")["KeyCount"] > 0
+
+
+def chat_through_service(ns: str):
+    """The official openai client, through the Service: the API server's service proxy, with a
+    ServiceAccount token allowed only that (works on any cluster, kind included)."""
+    import httpx
+    import openai
+
+    kubectl("create", "serviceaccount", "e2e-client", "-n", ns)
+    kubectl("create", "role", "e2e-proxy", "-n", ns, "--verb=get,create", "--resource=services/proxy",
+            f"--resource-name={JOB}-serve")
+    kubectl("create", "rolebinding", "e2e-proxy", "-n", ns, "--role=e2e-proxy", f"--serviceaccount={ns}:e2e-client")
+    token = kubectl("create", "token", "e2e-client", "-n", ns, "--duration=1h").stdout.strip()
+    config = yaml.safe_load(kubectl("config", "view", "--raw", "--minify").stdout)
+    cluster = config["clusters"][0]["cluster"]
+    ca = cluster.get("certificate-authority")
+    if cluster.get("certificate-authority-data"):
+        ca = tempfile.NamedTemporaryFile(suffix=".crt", delete=False).name
+        Path(ca).write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
+    base_url = f"{cluster['server']}/api/v1/namespaces/{ns}/services/http:{JOB}-serve:8000/proxy/v1"
+    client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=5,
+                           http_client=httpx.Client(verify=ca or not cluster.get("insecure-skip-tls-verify")))
+    return client.chat.completions.create(model=JOB, max_tokens=16,
+                                          messages=[{"role": "user", "content": "How do I export my notes?"}])
+
+
+def assert_no_secret(ns: str) -> None:
+    texts = [json.dumps(ftj(ns)), kubectl("get", "events", "-n", ns, "-o", "json").stdout,
+             kubectl("get", "events", "-n", RELEASE_NS, "-o", "json").stdout,
+             kubectl("logs", "-n", RELEASE_NS, "deployment/kubetune-operator", "--tail=-1").stdout]
+    for pod in get_json("pods", "-n", ns)["items"]:
+        for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+            texts.append(kubectl("logs", "-n", ns, pod["metadata"]["name"], "-c", c["name"], check=False).stdout)
+    leaks = [t[:200] for t in texts if SECRET_KEY in t]
+    assert not leaks, leaks
