@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -18,10 +19,15 @@ from kubetune.spec import Storage as StorageSpec
 # A Secret mounted as a volume: one file per key (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
 CREDENTIALS_DIR_ENV = "KUBETUNE_CREDENTIALS_DIR"
 _MULTIPART_BYTES = 64 * 1024 * 1024
+_RETRIES = 8  # botocore "standard" mode: retries after the first attempt, backoff with jitter up to 20 s apart
 
 
 class StorageError(Exception):
     """A storage operation failed; the message is one line and safe to show."""
+
+
+class NotFound(StorageError):
+    """Nothing at that location (no such folder, no objects under the prefix): not a failure of storage."""
 
 
 def is_s3(uri: str) -> bool:
@@ -52,10 +58,10 @@ class LocalStore:
         if path.is_file():
             return [str(path)]
         if not path.exists():
-            raise StorageError(f"{uri}: no such file or folder")
+            raise NotFound(f"{uri}: no such file or folder")
         files = sorted(str(p) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise StorageError(f"{uri}: folder has no files")
+            raise NotFound(f"{uri}: folder has no files")
         return files
 
     def read_bytes(self, uri: str) -> bytes:
@@ -122,19 +128,29 @@ class S3Store:
             "s3",
             endpoint_url=self.endpoint,
             region_name=spec.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            config=Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=120),
+            config=Config(retries={"max_attempts": _RETRIES, "mode": "standard"}, connect_timeout=10, read_timeout=120),
             **_credentials_from_dir(),
         )
         self.transfer = TransferConfig(multipart_threshold=_MULTIPART_BYTES, multipart_chunksize=_MULTIPART_BYTES)
+        _log_retries(self.client)
 
     def _error(self, uri: str, exc: Exception) -> StorageError:
-        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
 
+        # boto3's managed transfers wrap the real error (S3UploadFailedError, RetriesExceededError):
+        # unwrap it, else "bucket does not exist" would read "S3UploadFailedError".
+        while not isinstance(exc, (ClientError, ConnectionError, HTTPClientError, NoCredentialsError)):
+            inner = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
+            if inner is None:
+                break
+            exc = inner
         bucket = uri.removeprefix("s3://").partition("/")[0]
+        where = self.endpoint or "AWS"
         if isinstance(exc, NoCredentialsError):
             return StorageError(f"{uri}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentialsSecret)")
-        if isinstance(exc, EndpointConnectionError):
-            return StorageError(f"{uri}: cannot reach S3 endpoint {self.endpoint or 'AWS'}")
+        if isinstance(exc, (ConnectionError, HTTPClientError)):  # refused, reset, timed out: retried already
+            return StorageError(f"{uri}: cannot reach S3 endpoint {where} ({type(exc).__name__}, "
+                                f"still failing after {_RETRIES} retries)")
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -144,6 +160,9 @@ class S3Store:
                 return StorageError(f"{uri}: no such object")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidClientTokenId", "403") or status == 403:
                 return StorageError(f"{uri}: access denied ({code or status}); check the storage credentials")
+            if isinstance(status, int) and status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+                return StorageError(f"{uri}: S3 endpoint {where} kept answering {code or status} (HTTP {status}) "
+                                    f"after {_RETRIES} retries")
             return StorageError(f"{uri}: S3 error {code or status}")
         return StorageError(f"{uri}: {type(exc).__name__}")
 
@@ -159,7 +178,7 @@ class S3Store:
         prefix = key.rstrip("/") + "/" if key else ""
         files = sorted(f"s3://{bucket}/{k}" for k in keys if k.startswith(prefix) and not k.endswith("/"))
         if not files:
-            raise StorageError(f"{uri}: no objects under this prefix")
+            raise NotFound(f"{uri}: no objects under this prefix")
         return files
 
     def read_bytes(self, uri: str) -> bytes:
@@ -218,6 +237,32 @@ class S3Store:
                     self.client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
         except Exception as e:
             raise self._error(uri, e) from None
+
+
+def _log_retries(client) -> None:
+    """One line on stderr per retried request, so transient storage trouble shows in the job's log.
+
+    botocore asks ``needs-retry`` handlers after every attempt (we note why it failed) and emits
+    ``request-created`` for every attempt, the attempt number in the request context. Operation
+    names and error codes only: no URLs, keys or credentials.
+    """
+    def note(request_dict=None, response=None, caught_exception=None, **_):
+        if request_dict is not None:
+            why = type(caught_exception).__name__ if caught_exception else None
+            if why is None and response is not None:
+                meta = response[1].get("ResponseMetadata", {}) if isinstance(response[1], dict) else {}
+                why = response[1].get("Error", {}).get("Code") or str(meta.get("HTTPStatusCode", ""))
+            request_dict["context"]["kubetune_retry_cause"] = why
+
+    def announce(request=None, operation_name="", **_):
+        context = getattr(request, "context", {}) or {}
+        attempt = context.get("retries", {}).get("attempt", 1)
+        if attempt > 1:
+            print(f"[storage] S3 {operation_name}: retry {attempt - 1} of {_RETRIES} after "
+                  f"{context.get('kubetune_retry_cause') or 'an error'}", file=sys.stderr, flush=True)
+
+    client.meta.events.register_first("needs-retry.s3", note)
+    client.meta.events.register("request-created.s3", announce)
 
 
 def store_for(uri: str, spec: StorageSpec | None = None) -> Store:

@@ -2,6 +2,7 @@
 
 import sys
 
+from kubetune.storage import StorageError
 from kubetune.train.extensions import BuildLockTimeout
 from kubetune.train.recipe import train
 
@@ -10,5 +11,5 @@ if __name__ == "__main__":
         sys.exit("usage: torchrun ... -m kubetune.train JOB_FILE")
     try:
         train(sys.argv[1])
-    except BuildLockTimeout as e:  # a clear line, not a traceback
+    except (BuildLockTimeout, StorageError) as e:  # a clear line naming the cause, not a traceback
         sys.exit(f"error: {e}")

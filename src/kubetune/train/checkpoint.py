@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from kubetune.spec import Storage
-from kubetune.storage import StorageError, download_tree, is_s3, join, store_for, upload_tree
+from kubetune.storage import NotFound, download_tree, is_s3, join, store_for, upload_tree
 from kubetune.train.data import is_node_leader
 
 MARKER = "COMPLETE"
@@ -36,7 +36,7 @@ def _scan(output: str, storage: Storage) -> tuple[list[int], list[int]]:
     """(steps with a marker, steps without one)."""
     try:
         files = store_for(output, storage).list(checkpoints_uri(output))
-    except StorageError:
+    except NotFound:  # only "no checkpoints yet": a storage failure must not read as "start from 0"
         return [], []
     steps, complete = set(), set()
     for f in files:

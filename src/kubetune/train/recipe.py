@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from kubetune.spec import FineTuneJob, load_job
-from kubetune.storage import download_tree, is_s3, join, upload_tree
+from kubetune.storage import download_tree, is_s3, join, store_for, upload_tree
 from kubetune.train import attention, checkpoint, extensions
 from kubetune.train.data import (Rows, collate, is_node_leader, load_rows, to_device, token_stats,
                                  validation_metrics, validation_totals)
@@ -131,13 +131,21 @@ def train(job_file: str) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job, plan, bf16))
 
-    start = checkpoint.latest_complete(out, storage) or 0
+    # Rank 0 decides where to resume and tells the others: ranks that listed the checkpoints at
+    # different moments (or one through a storage hiccup) must not start from different steps.
+    decided = [checkpoint.latest_complete(out, storage) or 0 if rank == 0 else None]
+    dist.broadcast_object_list(decided, src=0, device=engine.device)
+    start = decided[0]
     if start:
         checkpoint.load(engine, out, storage, scratch, start)
         log(f"[train] resuming from the complete checkpoint at step {start}")
     log(f"[train] {world} process(es) on {'GPU' if on_gpu else 'CPU'} ({dtype}), ZeRO-{t.zero_stage}, {t.method}; "
         f"global batch {plan.global_batch} = {plan.micro} micro x {plan.accum} accumulation x {world}; "
         f"{plan.total_steps} steps ({plan.steps_per_epoch} per epoch)")
+    if rank == 0 and start and is_s3(out):
+        # A resumed run may be on a new pod with an empty scratch: start from the metrics uploaded
+        # with the checkpoint, else the rows before it would be lost from metrics.csv.
+        store_for(out, storage).download(join(out, "metrics.csv"), scratch / "metrics" / "metrics.csv")
     metrics = MetricsLog(scratch / "metrics" if is_s3(out) else Path(out), start) if rank == 0 else None
     reporter = reporter_for(out, storage) if rank == 0 else None
     latest_ckpt = join(checkpoint.checkpoints_uri(out), checkpoint.tag(start)) if start else None
@@ -150,7 +158,9 @@ def train(job_file: str) -> None:
             "phase": phase, "step": step, "totalSteps": plan.total_steps,
             "epoch": round(step / plan.steps_per_epoch, 2), "percent": round(100 * step / plan.total_steps, 1),
             "etaSeconds": None if eta is None else round(eta), "tokensPerSecond": round(tokens_per_s, 1),
-            "metrics": latest_metrics, "checkpoint": latest_ckpt,
+            # rounded: `kubectl get ftj` shows them as they are
+            "metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in latest_metrics.items()},
+            "checkpoint": latest_ckpt,
         }, force=force)
 
     # --- train ---------------------------------------------------------------------------------
