@@ -116,3 +116,23 @@ def test_checkpoint_lookup_fails_on_a_storage_fault_instead_of_starting_over(s3,
         latest_complete(f"s3://{bucket}/jobs/x/", Storage(endpoint="http://127.0.0.1:9"))
     with pytest.raises(StorageError, match="does not exist"):
         latest_complete("s3://no-such-bucket-here/jobs/x/", Storage(endpoint=s3_server))
+
+
+def test_a_failed_training_run_ends_with_the_cause(s3_server, tmp_path):
+    """torchrun prints every rank's failure after the trainer's own line; `kubetune train` ends with
+    the cause the failed rank wrote, not torchrun's report."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""apiVersion: kubetune.dev/v1alpha1
+kind: FineTuneJob
+metadata: {{name: t}}
+spec:
+  model: {{fromConfig: {{size: tiny, vocabSize: 512}}}}
+  dataset: {{train: {ROOT / 'examples' / 'data'}}}
+  output: {{uri: s3://no-such-bucket/out/}}
+  storage: {{endpoint: "{s3_server}"}}
+""")
+    run = subprocess.run([sys.executable, "-m", "kubetune.cli", "train", str(job), "--nproc", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: s3://no-such-bucket/") and "does not exist" in last, run.stderr[-2000:]

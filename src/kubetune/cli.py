@@ -53,7 +53,8 @@ def _prepare(args) -> int:
     return 0
 
 
-def _train_job(job, nproc: int) -> int:
+def _train_job(job, nproc: int) -> tuple[int, str]:
+    """Run the trainer under torchrun: its exit code, and the cause a failed rank wrote, if any."""
     import json
     import os
     import subprocess
@@ -63,17 +64,28 @@ def _train_job(job, nproc: int) -> int:
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="kubetune-job-", delete=False) as f:
         json.dump(job.model_dump(mode="json", by_alias=True, exclude_none=True), f)
+    errors = f.name.removesuffix(".json") + ".errors"  # the ranks' own one-line causes (kubetune.train)
     try:
-        env = {**os.environ, **cpu_threads_env(nproc)}
-        return subprocess.run(torchrun_command(f.name, nproc), env=env).returncode
+        env = {**os.environ, **cpu_threads_env(nproc), "KUBETUNE_ERROR_FILE": errors}
+        code = subprocess.run(torchrun_command(f.name, nproc), env=env).returncode
+        cause = ""
+        if code and os.path.exists(errors):
+            with open(errors) as e:
+                cause = e.readline().strip()
+        return code, cause
     finally:
-        os.unlink(f.name)
+        for path in (f.name, errors):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def _train(args) -> int:
     from kubetune.train.launch import default_nproc
 
-    return _train_job(_load(args), args.nproc or default_nproc())
+    code, cause = _train_job(_load(args), args.nproc or default_nproc())
+    if cause:
+        print(f"\n{cause}", file=sys.stderr)  # last, after torchrun's report on every rank
+    return code
 
 
 def _run(args) -> int:
@@ -81,10 +93,11 @@ def _run(args) -> int:
 
     job = _load(args)
     _prepare_job(job)
-    code = _train_job(job, args.nproc or default_nproc())
+    code, cause = _train_job(job, args.nproc or default_nproc())
     if code:
-        print(f"error: training failed (exit code {code}); rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
+        # The cause last, where it is seen; a storage or build failure is not fixed by a rerun alone.
+        print(f"\n{cause}" if cause else f"error: training failed (exit code {code}); rerun the same command to "
+              "resume from the last checkpoint", file=sys.stderr)
         return code
     from kubetune.storage import join
 

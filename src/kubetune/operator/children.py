@@ -183,6 +183,9 @@ def training_job(job: FineTuneJob, attempt: int, settings: Settings) -> dict:
     limits: dict = {"nvidia.com/gpu": r.gpus_per_node} if r.gpus_per_node else {}
     env = _env(job) + [{"name": "NODE_RANK", "valueFrom": {"fieldRef": {
         "fieldPath": f"metadata.annotations['{RANK_ANNOTATION}']"}}}]
+    # A rank's one-line cause of failure becomes the pod's termination message (and so the reason
+    # the operator reports), instead of the last lines torchrun prints about every rank.
+    env.append({"name": "KUBETUNE_ERROR_FILE", "value": "/dev/termination-log"})
     if not r.gpus_per_node:
         env.append({"name": "OMP_NUM_THREADS", "value": "1"})  # one CPU per rank; no oversubscription
     container = {

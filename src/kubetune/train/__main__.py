@@ -1,5 +1,6 @@
 """``python -m kubetune.train JOB_FILE`` — run by torchrun on every rank."""
 
+import os
 import sys
 
 from kubetune.storage import StorageError
@@ -12,4 +13,10 @@ if __name__ == "__main__":
     try:
         train(sys.argv[1])
     except (BuildLockTimeout, StorageError) as e:  # a clear line naming the cause, not a traceback
-        sys.exit(f"error: {e}")
+        message = f"error: {e}"
+        # torchrun prints the other ranks' failures after this line; the file keeps the cause for
+        # whoever reports it (`kubetune run`, or the kubelet's termination message in a pod).
+        if os.environ.get("KUBETUNE_ERROR_FILE"):
+            with open(os.environ["KUBETUNE_ERROR_FILE"], "a") as f:
+                f.write(message + "\n")
+        sys.exit(message)
