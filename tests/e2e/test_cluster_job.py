@@ -142,6 +142,12 @@ def training_pods(ns: str, attempt: int) -> list[dict]:
     return get_json("pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={JOB}-train-{attempt}")["items"]
 
 
+def log_from_step(ns: str, pod: str, step: int) -> str | None:
+    """The pod's log once it shows ``step`` (or later), else None."""
+    text = kubectl("logs", "-n", ns, pod).stdout
+    return text if last_step(text) >= step else None
+
+
 def last_step(text: str) -> int:
     steps = re.findall(r"step (\d+)/\d+", text)
     return int(steps[-1]) if steps else 0
@@ -172,8 +178,8 @@ def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
     assert "2 process(es)" in kubectl("logs", "-n", ns, pods["0"]).stdout  # the gang met: world size 2, two pods
     # Kill halfway to the next checkpoint, so the steps since the first one are lost and redone.
     ckpt_step = int(first_ckpt.rstrip("/").rsplit("step-", 1)[1])
-    rank0_log = wait_for(lambda: (lambda text: last_step(text) >= ckpt_step + 10 and text)(
-        kubectl("logs", "-n", ns, pods["0"]).stdout), 300, f"step {ckpt_step + 10}", interval=0.3)
+    rank0_log = wait_for(lambda: log_from_step(ns, pods["0"], ckpt_step + 10), 300, f"step {ckpt_step + 10}",
+                         interval=0.3)
     killed_at = last_step(rank0_log)
     kubectl("delete", "pod", "-n", ns, pods["1"], "--grace-period=0", "--force")
     log(f"killed {pods['1']} at step {killed_at} (checkpoint {first_ckpt})")
