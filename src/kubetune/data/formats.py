@@ -54,7 +54,9 @@ def standardize(data: dict, fmt: str = "auto") -> list[dict]:
 
 
 def _chat(data: dict) -> list[dict]:
-    raw = data["messages"]
+    raw = data.get("messages")  # absent when format: chat is forced on another kind of record
+    if raw is None:
+        raise FormatError("missing field 'messages'")
     if isinstance(raw, str):  # a messages column in CSV or parquet holds JSON text
         try:
             raw = orjson.loads(raw)
@@ -72,7 +74,9 @@ def _chat(data: dict) -> list[dict]:
         if role not in ROLES:
             raise FormatError(f"messages[{i}]: unknown role {str(role)[:20]!r}")
         content = _content(m.get("content"), i)
-        weight = m.get("weight", 1 if role == "assistant" else 0)
+        weight = m.get("weight")
+        if weight is None:  # absent, or null where a parquet struct column has it for other messages
+            weight = 1 if role == "assistant" else 0
         if weight not in (0, 1) or isinstance(weight, bool):
             raise FormatError(f"messages[{i}]: weight must be 0 or 1")
         if role != "assistant" and weight == 1:
@@ -86,6 +90,7 @@ def _content(content: object, i: int) -> str:
         return content
     if isinstance(content, list):  # OpenAI content parts: keep the text parts
         texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        texts = [t for t in texts if isinstance(t, str)]  # a part whose text is not a string is not text
         if len(texts) == len(content):
             return "\n".join(texts)
     if content is None:

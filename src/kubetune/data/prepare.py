@@ -39,6 +39,7 @@ from kubetune.storage import is_s3, join, store_for, upload_tree
 
 ROWS_PER_SHARD = 10_000
 MAX_LISTED_BAD_LINES = 100
+TOKENIZER_CHARS_PER_TOKEN = 8  # generous: byte-level BPE tokens average 2-4 characters
 
 
 class PrepareError(Exception):
@@ -93,7 +94,11 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
         raise PrepareError(f"no examples left after cleaning and dedup (dropped: {_reasons(report.dropped)})")
 
     train, valid = _split(examples, spec.dataset.validation_split, spec.training.seed, has_file=spec.dataset.validation is not None)
-    tokenizer = load_tokenizer(job, texts=(conversation_text(e.messages) for e in train))
+    # A fromConfig tokenizer is trained on these texts. BPE training time grows with the square of a
+    # word's length (a 1 MB string without spaces took minutes), and text far beyond maxSeqLength
+    # tokens is dropped as too long anyway, so each text is cut to a prefix that still covers it.
+    cap = TOKENIZER_CHARS_PER_TOKEN * pre.max_seq_length
+    tokenizer = load_tokenizer(job, texts=(conversation_text(e.messages)[:cap] for e in train))
     shards, tokens = {}, {}
     for name, part in (("train", train), ("validation", valid)):
         shards[name], tokens[name] = _tokenize_and_pack(tokenizer, part, pre.max_seq_length, pre.packing, report)
@@ -212,7 +217,9 @@ def _split(examples: list[Example], fraction: float, seed: int, has_file: bool) 
 
 def _tokenize_and_pack(tokenizer, examples: list[Example], max_len: int, packing: bool, report: Report):
     kept = []
-    for e, t in zip(examples, tokenize_batch(tokenizer, [e.messages for e in examples])):
+    # the tokenizer fails on an empty batch (IndexError), e.g. no validation example from one example
+    tokenized = tokenize_batch(tokenizer, [e.messages for e in examples]) if examples else []
+    for e, t in zip(examples, tokenized):
         if t is None:
             report.dropped["template_mismatch"] += 1
         elif len(t.input_ids) > max_len:

@@ -14,6 +14,10 @@ from typing import Iterator
 
 import orjson
 
+# The csv module's default field limit (128 KiB) stopped a file at its first large field, losing
+# every row after it; a field may be as large as the file.
+csv.field_size_limit(2**31 - 1)
+
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
 
 
@@ -108,5 +112,17 @@ def _read_parquet(name: str, raw: bytes) -> Iterator[Record | BadLine]:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         yield BadLine(name, 0, f"not a readable parquet file: {type(e).__name__}")
         return
-    for number, row in enumerate(table.to_pylist(), start=1):
+    try:
+        rows = table.to_pylist()
+    except Exception:  # a value Python cannot hold (a timestamp past year 9999...): go row by row
+        rows = None
+    for number in range(1, table.num_rows + 1):
+        if rows is not None:
+            row = rows[number - 1]
+        else:
+            try:
+                row = table.slice(number - 1, 1).to_pylist()[0]
+            except Exception as e:
+                yield BadLine(name, number, f"unreadable value ({type(e).__name__})")
+                continue
         yield Record(name, number, {k: v for k, v in row.items() if v is not None})

@@ -3,6 +3,7 @@
     POST /v1/chat/completions   non-streaming, or server-sent events with "stream": true
     GET  /v1/models             the one served model
     GET  /healthz, /readyz      liveness; readiness once the model is loaded
+    GET  /openapi.json          an OpenAPI 3 description of the above
     GET  /                      a small web chat page
 
 Requests are validated and rejected with OpenAI-style error bodies ({"error": {"message", "type",
@@ -24,8 +25,10 @@ from aiohttp import web
 from kubetune.serve.engine import ChatModel, Params, Result
 
 STATIC = Path(__file__).parent / "static"
+OPENAPI = Path(__file__).parent / "openapi.json"
 MAX_BODY = 1024 * 1024
 ROLES = ("system", "user", "assistant")
+MIN_TEMPERATURE = 1e-5  # below this, greedy decoding
 
 
 class RequestError(Exception):
@@ -55,6 +58,8 @@ async def openai_errors(request: web.Request, handler):
 def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tuple[list[dict], Params, bool]:
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise RequestError(400, "model must be a string", "model")
     if body.get("model") not in (None, model.name):
         raise RequestError(404, f"The model '{body['model']}' does not exist; this server serves '{model.name}'",
                            "model", "model_not_found")
@@ -66,31 +71,54 @@ def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tupl
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise RequestError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if isinstance(content, list) and all(map(_is_part, content)):  # content parts: join the text ones
+            content = "".join(part["text"] for part in content if part["type"] == "text")
         if not isinstance(content, str):
-            raise RequestError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+            raise RequestError(400, f"messages[{i}].content must be a string or an array of text parts",
+                               f"messages[{i}].content")
+        if not _is_unicode(content):  # a lone surrogate escape ("\ud800") made the tokenizer raise: a 500
+            raise RequestError(400, f"messages[{i}].content is not valid Unicode (lone surrogate)", f"messages[{i}].content")
         clean.append({"role": m["role"], "content": content})
     p = Params()
     p.max_tokens = _number(body, ("max_completion_tokens", "max_tokens"), int, 1, max_tokens_limit, default=min(256, max_tokens_limit))
     p.temperature = _number(body, ("temperature",), float, 0.0, 2.0, default=1.0)
+    if p.temperature < MIN_TEMPERATURE:  # sampling at 1e-40 divides logits into inf/NaN and generate() fails
+        p.temperature = 0.0  # greedy, which such a temperature means anyway
     p.top_p = _number(body, ("top_p",), float, 0.0, 1.0, default=1.0)
     if p.top_p == 0:
         raise RequestError(400, "top_p must be greater than 0", "top_p")
-    if body.get("n", 1) != 1:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):  # null means the default, as in OpenAI's API
         raise RequestError(400, "only n = 1 is supported", "n")
     stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop or []
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop  # not `stop or []`: 0, {} are errors
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise RequestError(400, "stop must be a string or up to 4 strings", "stop")
     p.stop = tuple(stops)
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise RequestError(400, "stream must be a boolean", "stream")
     return clean, p, stream
 
 
+def _is_part(part: object) -> bool:
+    """An OpenAI content part: {"type": "text", "text": "..."}; other types (image_url...) are ignored."""
+    return (isinstance(part, dict) and isinstance(part.get("type"), str)
+            and (part["type"] != "text" or isinstance(part.get("text"), str)))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _number(body: dict, names: tuple[str, ...], kind, low, high, default):
+    """The first of ``names`` given, after checking every one given (a bad alias is an error too)."""
+    values = []
     for name in names:
         if body.get(name) is not None:
             value = body[name]
@@ -98,8 +126,8 @@ def _number(body: dict, names: tuple[str, ...], kind, low, high, default):
                 raise RequestError(400, f"{name} must be {'an integer' if kind is int else 'a number'}", name)
             if not low <= value <= high:
                 raise RequestError(400, f"{name} must be between {low} and {high}", name)
-            return kind(value)
-    return default
+            values.append(kind(value))
+    return values[0] if values else default
 
 
 def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16) -> web.Application:
@@ -107,9 +135,10 @@ def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16) -> w
     waiting = {"n": 0}
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
+        raw = await request.read()
+        try:  # bytes: json detects UTF-8/16/32 itself, and a bad charset header cannot make it fail
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # malformed JSON, undecodable bytes, nesting too deep
             raise RequestError(400, "the request body is not valid JSON") from None
         messages, params, stream = parse_request(body, model, max_tokens)
         ids = model.encode(messages)
@@ -140,8 +169,12 @@ def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16) -> w
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
 
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
+
     app.add_routes([web.post("/v1/chat/completions", chat), web.get("/v1/models", models),
-                    web.get("/healthz", healthz), web.get("/readyz", healthz), web.get("/", index)])
+                    web.get("/healthz", healthz), web.get("/readyz", healthz), web.get("/", index),
+                    web.get("/openapi.json", openapi)])
     return app
 
 
