@@ -236,7 +236,7 @@ def chat_through_service(ns: str):
     ServiceAccount token allowed only that (works on any cluster, kind included)."""
     import ssl
 
-    import httpx
+    import httpx2  # the HTTP client the openai package uses
     import openai
 
     kubectl("create", "serviceaccount", "e2e-client", "-n", ns)
@@ -253,7 +253,7 @@ def chat_through_service(ns: str):
         Path(ca).write_bytes(base64.b64decode(cluster["certificate-authority-data"]))
     base_url = f"{cluster['server']}/api/v1/namespaces/{ns}/services/{service}/proxy/v1"
     client = openai.OpenAI(base_url=base_url, api_key=token, max_retries=5,
-                           http_client=httpx.Client(verify=ssl.create_default_context(cafile=ca) if ca else
+                           http_client=httpx2.Client(verify=ssl.create_default_context(cafile=ca) if ca else
                                                     not cluster.get("insecure-skip-tls-verify")))
     return client.chat.completions.create(model=JOB, max_tokens=16,
                                           messages=[{"role": "user", "content": "How do I export my notes?"}])
