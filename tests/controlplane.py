@@ -92,9 +92,27 @@ class ControlPlane:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    def restart(self, names: tuple[str, ...] = ("kube-apiserver", "etcd")) -> None:
+        """Stop these components and start them again with the same arguments: same data dir and
+        ports, so the stored objects survive, as after a control-plane node reboot."""
+        stopping = [p for p in reversed(self.procs) if p.name in names]
+        for proc in stopping:  # the API server before its etcd
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:  # the API server stops serving at once, but lingers before exiting
+                proc.kill()
+                proc.wait()
+        self.procs = [p for p in self.procs if p not in stopping]
+        for proc in reversed(stopping):  # back in start order
+            self._spawn(proc.name, proc.args[1:])
+        self._wait_ready()
+
     def _spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.dir / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen([str(self.bin / name), *args], stdout=log, stderr=subprocess.STDOUT))
+        log = open(self.dir / f"{name}.log", "a")  # appended to: a restart keeps the earlier log
+        proc = subprocess.Popen([str(self.bin / name), *args], stdout=log, stderr=subprocess.STDOUT)
+        proc.name = name
+        self.procs.append(proc)
 
     def _wait_ready(self, timeout: float = 120) -> None:
         context = ssl._create_unverified_context()

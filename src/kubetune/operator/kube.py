@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 from kubetune.spec import API_GROUP, API_VERSION
 
 PLURAL = "finetunejobs"
+
+
+class Rejected(Exception):
+    """The API server refused a child object as invalid (400/422): built from the spec, it will be refused
+    again, so retrying cannot help (the job fails with this message instead)."""
 
 
 class Kube:
@@ -55,6 +62,12 @@ class Kube:
         except ApiException as e:
             if e.status == 409:
                 return False
+            if e.status in (400, 422):
+                try:
+                    message = json.loads(e.body)["message"]
+                except (TypeError, ValueError, KeyError):
+                    message = e.reason
+                raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: {message[:1000]}") from None
             raise
 
     def get_job(self, namespace: str, name: str) -> dict | None:

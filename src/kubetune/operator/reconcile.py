@@ -17,6 +17,7 @@ from typing import Callable
 
 from kubetune.operator import children
 from kubetune.operator.conditions import FINISHED, Phase, conditions_for, now
+from kubetune.operator.kube import Rejected
 from kubetune.operator.settings import Settings
 from kubetune.spec import SpecError, parse_job
 from kubetune.storage import join
@@ -72,7 +73,14 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
                                               "labels": meta.get("labels") or {}}})
     except SpecError as e:
         return Outcome(Phase.FAILED, "InvalidSpec", "; ".join(e.problems))
-    ns, name = meta["namespace"], meta["name"]
+    try:
+        return _step(api, settings, job, status, adopt)
+    except Rejected as e:  # a value the CRD lets through but a child may not have: say so, do not retry forever
+        return Outcome(Phase.FAILED, "InvalidSpec", f"the API server rejected {e}")
+
+
+def _step(api, settings: Settings, job, status: dict, adopt: Callable[[dict], None]) -> Outcome:
+    ns, name = job.metadata.namespace, job.metadata.name
     if status.get("phase") == Phase.SUCCEEDED.value:  # serving was asked for
         return _serve(job, status, settings, adopt, api)
 
@@ -105,8 +113,12 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
     attempt = int(status.get("retries") or 0)
     train_name = children.training_job_name(name, attempt)
     if job.spec.suspend:
-        api.delete_job(ns, n["prepare"] if not status.get("prepared") else train_name)
+        # Stop whatever runs. The gang may run although status.prepared is not written yet (the operator
+        # died right after starting it); a finished prepare Job is kept, so resuming does not redo it.
+        api.delete_job(ns, train_name)
         api.delete_service(ns, n["service"])
+        if not status.get("prepared") and job_state(api.get_job(ns, n["prepare"])) != "Complete":
+            api.delete_job(ns, n["prepare"])
         return Outcome(Phase.SUSPENDED, "Suspended", "spec.suspend is true; progress is kept")
 
     if not status.get("prepared"):
@@ -125,6 +137,8 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
     state = job_state(training)
     prepared = {"prepared": True, "trainingJob": train_name}
     if state == "Missing":
+        if attempt:  # the failed gang before it, if still there (its deletion and this start are one step)
+            api.delete_job(ns, children.training_job_name(name, attempt - 1))
         start_gang(attempt)
         return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
     if state == "Complete":
@@ -137,9 +151,10 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
         if attempt >= job.spec.max_retries:
             return Outcome(Phase.FAILED, "TrainingFailed",
                            f"training failed {attempt + 1} time(s), spec.maxRetries is {job.spec.max_retries}: {message}")
-        api.delete_job(ns, train_name)
+        # Only record the retry here; the next reconcile (this status write triggers it) deletes this gang
+        # and starts the next. Acting first, an operator dying before the write came back to retries N
+        # and no gang N, and started gang N again, next to gang N+1.
         retry = attempt + 1
-        start_gang(retry)
         return Outcome(Phase.TRAINING, "Retrying",
                        f"attempt {attempt + 1} failed ({message}); attempt {retry + 1} resumes from the latest checkpoint",
                        {**prepared, "retries": retry, "trainingJob": children.training_job_name(name, retry)})
@@ -167,9 +182,12 @@ def _base_model(api, ns: str, name: str, base: str) -> str | Outcome:
 
 def _serve(job, status: dict, settings: Settings, adopt, api) -> Outcome:
     """Deploy the endpoint for a succeeded job (Deployment + Service, owned by the job)."""
-    for obj in (children.serving_deployment(job, status["outputModel"], settings), children.serving_service(job)):
-        adopt(obj)
-        api.create(obj)
+    try:
+        for obj in (children.serving_deployment(job, status["outputModel"], settings), children.serving_service(job)):
+            adopt(obj)
+            api.create(obj)
+    except Rejected as e:  # the model is there all the same: the job stays Succeeded
+        return Outcome(Phase.SUCCEEDED, "ServingFailed", f"the model is ready, but the API server rejected {e}", status)
     url = children.serving_endpoint(job)
     return Outcome(Phase.SUCCEEDED, "Serving", f"the model is ready and served at {url}", {**status, "endpoint": url})
 
