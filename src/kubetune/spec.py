@@ -6,8 +6,9 @@ The CRD's openAPIV3Schema is generated from these classes (see ``kubetune.crd``)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +21,21 @@ KIND = "FineTuneJob"
 PII_TYPES = ("email", "phone", "card", "iban", "ip", "ssn", "secret")
 PiiType = Literal["email", "phone", "card", "iban", "ip", "ssn", "secret"]
 DEFAULT_LEARNING_RATE = {"lora": 2.0e-4, "full": 2.0e-5}
+
+# Values that end up in the child objects (Jobs, Services, Deployments) are checked here, at admission,
+# as the API server would check them there: a bad one then names its FineTuneJob field, instead of
+# failing the job later on a child. The patterns and limits are Kubernetes' own (they become CRD patterns).
+JOB_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a DNS label: also the prefix of child and pod names
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # Secret, PriorityClass
+# cpu/memory: a plain decimal with an optional SI suffix or a short exponent (no sign: requests are >= 0;
+# 64 characters and 2 exponent digits keep it finite as a float).
+QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]{1,2}|[numkMGTPE]|[KMGTPE]i)?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+IMAGE = r"^\S+$"  # container images: no whitespace
+TOLERATION_KEY = f"^({LABEL_KEY[1:-1]})?$"  # empty: every taint (with operator: Exists)
+Uri = Annotated[str, Field(min_length=1, max_length=4096)]
+Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
 
 
 class _Model(BaseModel):
@@ -44,10 +60,11 @@ class ModelSource(_Model):
         "rule": "[has(self.source), has(self.fromJob), has(self.fromConfig)].filter(x, x).size() == 1",
         "message": "set exactly one of source, fromJob, fromConfig"}]})
 
-    source: str | None = Field(
+    source: Uri | None = Field(
         None, description="hf://ORG/NAME, s3://bucket/prefix/ or a local folder holding a Hugging Face model."
     )
-    from_job: str | None = Field(None, description="Start from the output model of a previous FineTuneJob.")
+    from_job: str | None = Field(None, pattern=JOB_NAME, max_length=40,
+                                 description="Start from the output model of a previous FineTuneJob.")
     from_config: FromConfig | None = Field(None, description="Build a fresh small model from a config.")
 
     @model_validator(mode="after")
@@ -61,8 +78,8 @@ class ModelSource(_Model):
 class Dataset(_Model):
     """Where the raw data is and how to read it."""
 
-    train: str = Field(description="s3://bucket/prefix/, s3://bucket/file.jsonl or a local file or folder.")
-    validation: str | None = Field(None, description="Held-out data; when absent, validationSplit of train is held out.")
+    train: Uri = Field(description="s3://bucket/prefix/, s3://bucket/file.jsonl or a local file or folder.")
+    validation: Uri | None = Field(None, description="Held-out data; when absent, validationSplit of train is held out.")
     validation_split: float = Field(0.1, gt=0, lt=0.5, description="Fraction of train held out for validation.")
     format: Literal["auto", "chat", "instruction", "prompt_completion", "text"] = Field(
         "auto", description="Record format; auto detects it per record."
@@ -86,8 +103,8 @@ class Pii(_Model):
     """Personal-data scrubbing: matches are replaced with typed placeholders such as <EMAIL>."""
 
     redact: list[PiiType] = Field(default_factory=lambda: list(PII_TYPES), description="PII types to redact.")
-    allow: list[str] = Field(
-        default_factory=list, description="Values that are never redacted, e.g. your own support address."
+    allow: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=1000, description="Values that are never redacted, e.g. your own support address."
     )
 
 
@@ -153,24 +170,57 @@ class Training(_Model):
 class Toleration(_Model):
     """A Kubernetes toleration passed through to the job's pods."""
 
-    key: str | None = None
+    # Pod validation's rules for a toleration, so that a bad one is refused here, naming it.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+         "message": "operator must be Exists when key is empty"},
+        {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+         "message": "value must be empty when operator is Exists"},
+        {"rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+         "message": "tolerationSeconds needs effect: NoExecute"}]})
+
+    key: str | None = Field(None, pattern=TOLERATION_KEY, max_length=317)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: str | None = Field(None, pattern=LABEL_VALUE, max_length=63)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _like_kubernetes(self) -> Toleration:
+        if not self.key and self.operator != "Exists":
+            raise ValueError("operator must be Exists when key is empty")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty when operator is Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect: NoExecute")
+        return self
 
 
 class Resources(_Model):
     """Where training runs. gpusPerNode: 0 selects the CPU fallback."""
 
-    nodes: int = Field(1, ge=1, description="Training pods (one per node).")
-    gpus_per_node: int = Field(1, ge=0, description="GPUs per pod; 0 trains on CPU with DeepSpeed's CPU accelerator.")
-    cpu: str | None = Field(None, description="CPU request per pod, e.g. '4'.")
-    memory: str | None = Field(None, description="Memory request per pod, e.g. '16Gi'.")
-    image: str | None = Field(None, description="Trainer image; the operator's default when absent.")
-    node_selector: dict[str, str] | None = Field(None, description="Node selector for the pods.")
-    tolerations: list[Toleration] | None = Field(None, description="Tolerations for the pods.")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the pods.")
+    # Map keys have no schema of their own: nodeSelector's are checked by a rule.
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": f"!has(self.nodeSelector) || self.nodeSelector.all(k, k.matches(r'{LABEL_KEY}') && size(k) <= 317)",
+        "fieldPath": ".nodeSelector", "message": "nodeSelector keys must be label keys, e.g. kubernetes.io/arch"}]})
+
+    # At most 10 000 (an Indexed Job allows 100 000): pod hostnames NAME-train-ATTEMPT-INDEX stay within 63.
+    nodes: int = Field(1, ge=1, le=10000, description="Training pods (one per node).")
+    gpus_per_node: int = Field(1, ge=0, le=1024, description="GPUs per pod; 0 trains on CPU with DeepSpeed's CPU accelerator.")
+    cpu: Quantity | None = Field(None, description="CPU request per pod, e.g. '4'.")
+    memory: Quantity | None = Field(None, description="Memory request per pod, e.g. '16Gi'.")
+    image: str | None = Field(None, pattern=IMAGE, max_length=1024, description="Trainer image; the operator's default when absent.")
+    node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]] | None = Field(
+        None, max_length=64, description="Node selector for the pods.")
+    tolerations: list[Toleration] | None = Field(None, max_length=64, description="Tolerations for the pods.")
+    priority_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253, description="PriorityClass of the pods.")
+
+    @model_validator(mode="after")
+    def _selector_keys(self) -> Resources:
+        bad = [k for k in self.node_selector or {} if not re.fullmatch(LABEL_KEY[1:-1], k) or len(k) > 317]
+        if bad:
+            raise ValueError(f"nodeSelector keys must be label keys, e.g. kubernetes.io/arch (not {bad[0]!r})")
+        return self
 
 
 class Evaluation(_Model):
@@ -183,16 +233,16 @@ class Evaluation(_Model):
 class Output(_Model):
     """Where prepared data, checkpoints, reports and the final model go."""
 
-    uri: str = Field(description="s3://bucket/prefix/ or a local folder.")
+    uri: Uri = Field(description="s3://bucket/prefix/ or a local folder.")
 
 
 class Storage(_Model):
     """How to reach S3-compatible object storage."""
 
-    endpoint: str | None = Field(None, description="Endpoint URL of an S3-compatible server (MinIO, Ceph); AWS when absent.")
-    region: str | None = Field(None, description="Region; us-east-1 when absent.")
+    endpoint: Uri | None = Field(None, description="Endpoint URL of an S3-compatible server (MinIO, Ceph); AWS when absent.")
+    region: str | None = Field(None, max_length=64, description="Region; us-east-1 when absent.")
     credentials_secret: str | None = Field(
-        None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, given to the job's pods."
+        None, pattern=DNS_SUBDOMAIN, max_length=253, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, given to the job's pods."
     )
 
 
@@ -200,15 +250,15 @@ class Serve(_Model):
     """Serving the final model as an OpenAI-compatible endpoint."""
 
     enabled: bool = Field(False, description="Deploy an endpoint after the job succeeds.")
-    replicas: int = Field(1, ge=1, description="Serving pods.")
-    gpus: int = Field(0, ge=0, description="GPUs per serving pod.")
-    cpu: str | None = Field(None, description="CPU request per serving pod.")
-    memory: str | None = Field(None, description="Memory request per serving pod.")
+    replicas: int = Field(1, ge=1, le=10000, description="Serving pods.")
+    gpus: int = Field(0, ge=0, le=1024, description="GPUs per serving pod.")
+    cpu: Quantity | None = Field(None, description="CPU request per serving pod.")
+    memory: Quantity | None = Field(None, description="Memory request per serving pod.")
     image: str | None = Field(
-        None, description="Serving image; default the trainer image running `kubetune serve`. E.g. a vLLM image."
+        None, pattern=IMAGE, max_length=1024, description="Serving image; default the trainer image running `kubetune serve`. E.g. a vLLM image."
     )
-    args: list[str] | None = Field(
-        None, description="Container args for a custom image; {model} is replaced by a local copy of the model, "
+    args: list[Annotated[str, Field(max_length=4096)]] | None = Field(
+        None, max_length=64, description="Container args for a custom image; {model} is replaced by a local copy of the model, "
         "{name} by the job name, {port} by 8000. E.g. [--model, '{model}', --served-model-name, '{name}', --port, '{port}']."
     )
 
@@ -261,15 +311,15 @@ class FineTuneJobSpec(_Model):
     storage: Storage = Field(default_factory=Storage)
     serve: Serve = Field(default_factory=Serve)
     suspend: bool = Field(False, description="Stop the running workload, keeping progress; false again resumes it.")
-    max_retries: int = Field(
-        3, ge=0, description="Times a failed training gang is restarted from the latest checkpoint before the job fails."
+    max_retries: int = Field(  # at most 100: training Job names (NAME-train-ATTEMPT) stay short
+        3, ge=0, le=100, description="Times a failed training gang is restarted from the latest checkpoint before the job fails."
     )
 
 
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     # 40, not 63: child names and pod hostnames add suffixes such as "-train-12-7".
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    name: str = Field(pattern=JOB_NAME, max_length=40)
     namespace: str | None = None
 
 
