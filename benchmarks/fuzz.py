@@ -30,7 +30,6 @@ import test_fuzz_serve as serve  # noqa: E402
 
 def fuzz_data(lines: int, hang_seconds: float, rng_seed: int) -> dict:
     found = {"inputs": 0, "calls": 0, "crashes": [], "hangs": [], "seconds": 0.0}
-    tmp = Path(tempfile.mkdtemp(prefix="kubetune-fuzz-"))
     began = time.monotonic()
 
     @seed(rng_seed)
@@ -45,7 +44,8 @@ def fuzz_data(lines: int, hang_seconds: float, rng_seed: int) -> dict:
         found["calls"] += 1
         start = time.monotonic()
         try:
-            data.check_batch(tmp, *batch)
+            with tempfile.TemporaryDirectory(prefix="kubetune-fuzz-") as tmp:
+                data.check_batch(Path(tmp), *batch)
         except Exception:  # a crash or a miscount: keep going, count it
             found["crashes"].append(f"{batch[0]} format={batch[3]}: {traceback.format_exc(limit=-2)}")
         if time.monotonic() - start > hang_seconds:
@@ -57,8 +57,8 @@ def fuzz_data(lines: int, hang_seconds: float, rng_seed: int) -> dict:
 
 
 def fuzz_endpoint(cases: int, seconds: float, rng_seed: int) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix="kubetune-fuzz-model-"))
-    proc, url = serve.start_server(serve.save_tiny_model(folder))
+    folder = tempfile.TemporaryDirectory(prefix="kubetune-fuzz-model-")
+    proc, url = serve.start_server(serve.save_tiny_model(Path(folder.name)))
     began = time.monotonic()
     try:
         found = serve.fuzz_endpoint(url, max_examples=cases, seconds=seconds, rng_seed=rng_seed)
@@ -71,6 +71,7 @@ def fuzz_endpoint(cases: int, seconds: float, rng_seed: int) -> dict:
             found["crashes"].append(f"server exited with {proc.returncode}")
     finally:
         serve.stop_server(proc)
+        folder.cleanup()
     found["seconds"] = time.monotonic() - began
     return found
 

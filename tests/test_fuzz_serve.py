@@ -161,6 +161,7 @@ def test_openapi_json_is_served(server):
     ({"messages": [{"role": "user", "content": "a\ud800b"}]}, None, "messages[0].content"),  # tokenizer TypeError
     ({"messages": [{"role": "user", "content": "hi"}], "stop": 0}, None, "stop"),  # was accepted
     ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, None, "messages[0].content"),  # no type: accepted
+    ({"messages": [{"role": "user", "content": "hi", "name": 5}]}, None, "messages[0].name"),  # was accepted
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "max_tokens": "x"}, None,
      "max_tokens"),  # was accepted: only the first alias given was checked
     ({"messages": [{"role": "user", "content": "hi"}], "n": True}, None, "n"),  # was accepted

@@ -78,6 +78,8 @@ def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tupl
                                f"messages[{i}].content")
         if not _is_unicode(content):  # a lone surrogate escape ("\ud800") made the tokenizer raise: a 500
             raise RequestError(400, f"messages[{i}].content is not valid Unicode (lone surrogate)", f"messages[{i}].content")
+        if not isinstance(m.get("name", ""), str):  # not used, but OpenAI's API has it as a string
+            raise RequestError(400, f"messages[{i}].name must be a string", f"messages[{i}].name")
         clean.append({"role": m["role"], "content": content})
     p = Params()
     p.max_tokens = _number(body, ("max_completion_tokens", "max_tokens"), int, 1, max_tokens_limit, default=min(256, max_tokens_limit))
@@ -104,8 +106,8 @@ def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tupl
 
 def _is_part(part: object) -> bool:
     """An OpenAI content part: {"type": "text", "text": "..."}; other types (image_url...) are ignored."""
-    return (isinstance(part, dict) and isinstance(part.get("type"), str)
-            and (part["type"] != "text" or isinstance(part.get("text"), str)))
+    return (isinstance(part, dict) and isinstance(part.get("type"), str) and isinstance(part.get("text", ""), str)
+            and (part["type"] != "text" or "text" in part))
 
 
 def _is_unicode(text: str) -> bool:
