@@ -73,6 +73,15 @@ def finish_job(cp, namespace: str, name: str, succeeded: bool = True) -> None:
     cp.kubectl("patch", "job", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(status))
 
 
+def start_training(cp, namespace: str, doc: dict) -> dict:
+    """Apply a job, let its prepare Job succeed and wait for its first training gang (returned)."""
+    name = doc["metadata"]["name"]
+    apply(cp, namespace, doc)
+    wait_for(lambda: get(cp, namespace, "job", f"{name}-prepare"), what=f"{name}-prepare")
+    finish_job(cp, namespace, f"{name}-prepare")
+    return wait_for(lambda: get(cp, namespace, "job", f"{name}-train-0"), what=f"{name}-train-0")
+
+
 @contextlib.contextmanager
 def operator(cp, namespace: str | None, kubeconfig=None, peering: str = "", metrics_port: int = 0):
     """The operator as its own process, as in a pod: `kubetune-operator`."""

@@ -70,3 +70,17 @@ def test_base_that_fails_or_does_not_exist(control_plane, namespace):
         apply(cp, namespace, ftj_doc("missing"))
         succeed(cp, namespace, "missing")
         wait_for(lambda: get(cp, namespace, "job", "later-prepare"), timeout=20, what="later-prepare")
+
+
+def test_jobs_naming_each_other_fail_instead_of_waiting_forever(control_plane, namespace):
+    cp = control_plane
+    with operator(cp, namespace) as op:
+        apply(cp, namespace, ftj_doc("hen", model={"fromJob": "egg"}))
+        wait_phase(cp, namespace, "hen", "Pending")  # egg does not exist yet: hen waits for it
+        apply(cp, namespace, ftj_doc("egg", model={"fromJob": "hen"}))
+        for name in ("hen", "egg"):
+            s = wait_phase(cp, namespace, name, "Failed")["status"]
+            assert s["reason"] in ("InvalidSpec", "BaseJobFailed"), s
+        assert "model.fromJob forms a cycle: " in status(cp, namespace, "egg")["message"] + status(cp, namespace, "hen")["message"]
+        assert get(cp, namespace, "job", "hen-prepare") is None and get(cp, namespace, "job", "egg-prepare") is None
+        assert "Failed (InvalidSpec) model.fromJob forms a cycle" in operator_log(op)  # the operator logs what it does

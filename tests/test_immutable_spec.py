@@ -1,13 +1,13 @@
 """Editing a job's spec once it exists: real `kubectl patch` against the real API server. The CRD's
 transition rules reject fields the running job cannot honour and name them; suspend, maxRetries and
-(until it is enabled) serve stay editable."""
+serve stay editable."""
 
 import json
 
 import pytest
 import yaml
 
-from k8s_helpers import apply, finish_job, ftj_doc, get, operator, wait_for, wait_phase
+from k8s_helpers import ftj_doc, get, operator, start_training, wait_phase
 
 pytestmark = pytest.mark.k8s
 
@@ -30,9 +30,7 @@ def patch(cp, namespace: str, name: str, spec: dict):
 def test_running_job_rejects_spec_edits_naming_the_field(control_plane, namespace):
     cp = control_plane
     with operator(cp, namespace):
-        apply(cp, namespace, ftj_doc("frozen"))
-        wait_for(lambda: get(cp, namespace, "job", "frozen-prepare"), what="prepare job")
-        finish_job(cp, namespace, "frozen-prepare")
+        start_training(cp, namespace, ftj_doc("frozen"))
         wait_phase(cp, namespace, "frozen", "Training")
         before = get(cp, namespace, "ftj", "frozen")["spec"]
 
@@ -52,9 +50,8 @@ def test_running_job_rejects_spec_edits_naming_the_field(control_plane, namespac
         assert patch(cp, namespace, "frozen", {"maxRetries": 5}).returncode == 0
         assert patch(cp, namespace, "frozen", {"serve": {"enabled": True, "replicas": 2}}).returncode == 0
         assert get(cp, namespace, "ftj", "frozen")["spec"]["serve"] == {"enabled": True, "replicas": 2}
-        # Once serving is on, its Deployment is built from it: no more changes.
-        run = patch(cp, namespace, "frozen", {"serve": {"replicas": 3}})
-        assert run.returncode != 0 and "spec.serve: Forbidden: serve cannot change while serve.enabled is true" in run.stderr, run.stderr
+        # serve stays editable once on: the endpoint follows it (tests/test_k8s_operator.py serves one).
+        assert patch(cp, namespace, "frozen", {"serve": {"replicas": 3}}).returncode == 0
 
         # A whole edited file gets the same answer from `kubectl apply`.
         doc = ftj_doc("frozen")

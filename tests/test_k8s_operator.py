@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import EXAMPLES, free_port
-from k8s_helpers import (apply, finish_job, ftj_doc, get, items, operator, operator_log, phase, wait_for,
+from k8s_helpers import (apply, finish_job, ftj_doc, get, items, operator, operator_log, phase, start_training, wait_for,
                          wait_phase)
 
 pytestmark = pytest.mark.k8s
@@ -29,6 +29,7 @@ def test_examples_are_accepted(control_plane, namespace, example):
     (lambda d: d["spec"].pop("output"), "spec.output: Required value"),
     (lambda d: d["spec"]["dataset"].update(formt="chat"), 'unknown field "spec.dataset.formt"'),
     (lambda d: d["metadata"].update(name="x" * 41), "metadata.name must be at most 40 characters"),
+    (lambda d: d["metadata"].update(name="v1.2"), "metadata.name must be lowercase letters, digits and '-' (no dots)"),
     # Found by tests/test_fuzz_crd.py: values the CRD took and the child objects did not (the job then sat
     # without a status, the operator retrying the refused Job forever). Now refused here, naming the field.
     (lambda d: d["spec"]["resources"].update(cpu="lots"), 'spec.resources.cpu: Invalid value: "lots"'),
@@ -97,10 +98,7 @@ def test_happy_path_with_children_events_and_kubectl_wait(control_plane, namespa
 def test_failed_gang_is_recreated_until_max_retries(control_plane, namespace):
     cp = control_plane
     with operator(cp, namespace):
-        apply(cp, namespace, ftj_doc("flaky", maxRetries=1))
-        wait_for(lambda: get(cp, namespace, "job", "flaky-prepare"), what="prepare job")
-        finish_job(cp, namespace, "flaky-prepare")
-        wait_for(lambda: get(cp, namespace, "job", "flaky-train-0"), what="attempt 1")
+        start_training(cp, namespace, ftj_doc("flaky", maxRetries=1))
         finish_job(cp, namespace, "flaky-train-0", succeeded=False)
         wait_for(lambda: get(cp, namespace, "job", "flaky-train-1"), what="attempt 2")
         # Retrying (retries: 1 recorded) comes just before Training (attempt 2 started).
@@ -122,10 +120,7 @@ def test_failed_gang_is_recreated_until_max_retries(control_plane, namespace):
 def test_suspend_deletes_the_workload_and_keeps_progress(control_plane, namespace):
     cp = control_plane
     with operator(cp, namespace):
-        apply(cp, namespace, ftj_doc("pausable"))
-        wait_for(lambda: get(cp, namespace, "job", "pausable-prepare"), what="prepare job")
-        finish_job(cp, namespace, "pausable-prepare")
-        wait_for(lambda: get(cp, namespace, "job", "pausable-train-0"), what="training")
+        start_training(cp, namespace, ftj_doc("pausable"))
         progress = {"step": 40, "totalSteps": 100, "percent": 40.0, "checkpoint": "s3://models/pausable/checkpoints/step-00000040"}
         cp.kubectl("patch", "ftj", "pausable", "-n", namespace, "--subresource=status", "--type=merge",
                    "-p", json.dumps({"status": {"progress": progress}}))
@@ -212,10 +207,7 @@ def test_pods_may_patch_only_their_own_jobs_status(control_plane, namespace, tmp
 def test_serving_deployment_after_success_and_removed_with_the_job(control_plane, namespace):
     cp = control_plane
     with operator(cp, namespace):
-        apply(cp, namespace, ftj_doc("chatbot", serve={"enabled": True}))
-        wait_for(lambda: get(cp, namespace, "job", "chatbot-prepare"), what="prepare job")
-        finish_job(cp, namespace, "chatbot-prepare")
-        wait_for(lambda: get(cp, namespace, "job", "chatbot-train-0"), what="training")
+        start_training(cp, namespace, ftj_doc("chatbot", serve={"enabled": True}))
         assert get(cp, namespace, "deployment", "chatbot-serve") is None  # nothing to serve yet
         finish_job(cp, namespace, "chatbot-train-0")
         cp.kubectl("wait", "--for=condition=Succeeded", "ftj/chatbot", "-n", namespace, "--timeout=60s")
@@ -227,6 +219,24 @@ def test_serving_deployment_after_success_and_removed_with_the_job(control_plane
         assert _owned_by(deployment, body) and _owned_by(service, body)
         init = deployment["spec"]["template"]["spec"]["initContainers"][0]
         assert init["command"][:3] == ["kubetune", "download", "s3://models/chatbot/model"]
+
+        # spec.serve stays editable after success, and an edit is applied, not ignored.
+        serve_patch = lambda serve: cp.kubectl("patch", "ftj", "chatbot", "-n", namespace, "--type=merge",  # noqa: E731
+                                               "-p", json.dumps({"spec": {"serve": serve}}))
+        serve_patch({"replicas": 2})
+        wait_for(lambda: get(cp, namespace, "deployment", "chatbot-serve")["spec"]["replicas"] == 2, what="2 replicas")
+        body = wait_for(lambda: (b := get(cp, namespace, "ftj", "chatbot"))["status"]["observedGeneration"]
+                        == b["metadata"]["generation"] and b, what="observedGeneration")
+        serve_patch({"enabled": False})
+        for kind in ("deployment", "service"):
+            wait_for(lambda: get(cp, namespace, kind, "chatbot-serve") is None, what=f"{kind} removed when serving is off")
+        status = wait_for(lambda: "endpoint" not in (s := get(cp, namespace, "ftj", "chatbot")["status"]) and s,
+                          what="endpoint cleared")
+        assert status["phase"] == "Succeeded" and "no longer served" in status["message"]
+        serve_patch({"enabled": True})
+        wait_for(lambda: get(cp, namespace, "deployment", "chatbot-serve"), what="served again")
+        assert wait_for(lambda: get(cp, namespace, "ftj", "chatbot")["status"].get("endpoint"), what="endpoint again")
+
         cp.kubectl("delete", "ftj", "chatbot", "-n", namespace)
         for kind in ("deployment", "service"):
             wait_for(lambda: get(cp, namespace, kind, "chatbot-serve") is None, timeout=90, what=f"{kind} removed")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import EXAMPLES, job_doc

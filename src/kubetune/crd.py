@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from kubetune.spec import API_GROUP, API_VERSION, JOB_NAME, KIND, FineTuneJobSpec
 
 PLURAL = "finetunejobs"
 CRD_FILE = f"crds/{PLURAL}.{API_GROUP}.yaml"
@@ -77,6 +77,9 @@ def crd() -> dict:
         "x-kubernetes-validations": [{
             "rule": "size(self.metadata.name) <= 40",
             "message": "metadata.name must be at most 40 characters (child objects and pod hostnames add suffixes)",
+        }, {  # Kubernetes allows dots in a custom object's name; Services and pod hostnames do not
+            "rule": f"self.metadata.name.matches(r'{JOB_NAME}')",
+            "message": "metadata.name must be lowercase letters, digits and '-' (no dots): it names the job's Services and pods",
         }],
         "properties": {
             "apiVersion": {"type": "string"},

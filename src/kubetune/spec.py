@@ -267,7 +267,7 @@ class Serve(_Model):
 # ConfigMap) and every retry's gang are built from the spec, so an edit would be ignored or mix two
 # specs in one job. These three are read by the operator alone, when it acts on them, so edits take effect.
 EDITABLE_FIELDS = ("suspend", "maxRetries", "serve")
-_EDITABLE = "only suspend, maxRetries and serve (while serve.enabled is false) can; create a new job instead"
+_EDITABLE = "only suspend, maxRetries and serve can; create a new job instead"
 
 
 def _immutable_rules(schema: dict) -> None:
@@ -286,13 +286,6 @@ def _immutable_rules(schema: dict) -> None:
             same = f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || {same})"
         rules.append({"rule": same, "fieldPath": f".{name}", "reason": "FieldValueForbidden",
                       "message": f"{name} cannot change once the job exists; {_EDITABLE}"})
-    # The operator creates the endpoint once, as spec.serve is then: so serve may be set up (even after
-    # the job succeeded), but not changed while enabled.
-    rules.append({"rule": "!has(oldSelf.serve) || !has(oldSelf.serve.enabled) || !oldSelf.serve.enabled || "
-                          "(has(self.serve) && self.serve == oldSelf.serve)",
-                  "fieldPath": ".serve", "reason": "FieldValueForbidden",
-                  "message": "serve cannot change while serve.enabled is true: the endpoint is deployed from it "
-                             "once; change the job's -serve Deployment directly instead"})
     schema["x-kubernetes-validations"] = rules
 
 

@@ -65,7 +65,7 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> bool:
         previous = body.get("status") or {}
         patch = status_patch(previous, outcome, body["metadata"].get("generation"))
         changed = {k: v for k, v in patch.items() if previous.get(k) != v}
-        if changed.keys() - {"conditions", "observedGeneration"}:
+        if changed.keys() - {"conditions"}:  # observedGeneration too: it tells a served job's edit was applied
             memo.api.patch_ftj_status(namespace, name, changed)
         metrics.observe(namespace, name, outcome.phase.value)
         if previous.get("phase") != outcome.phase.value or previous.get("reason") != outcome.reason:

@@ -62,13 +62,17 @@ class Kube:
         except ApiException as e:
             if e.status == 409:
                 return False
-            if e.status in (400, 422):
-                try:
-                    message = json.loads(e.body)["message"]
-                except (TypeError, ValueError, KeyError):
-                    message = e.reason
-                raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: {message[:1000]}") from None
-            raise
+            raise _rejected(e, obj) from None
+
+    def apply(self, obj: dict) -> None:
+        """Create ``obj``, or bring an existing Deployment up to it (spec.serve may change after success)."""
+        from kubernetes.client.rest import ApiException
+
+        if not self.create(obj) and obj["kind"] == "Deployment":
+            try:
+                self.apps.patch_namespaced_deployment(obj["metadata"]["name"], obj["metadata"]["namespace"], obj)
+            except ApiException as e:
+                raise _rejected(e, obj) from None
 
     def get_job(self, namespace: str, name: str) -> dict | None:
         return self._absent_is_none(lambda: self._dict(self.batch.read_namespaced_job(name, namespace)))
@@ -79,6 +83,9 @@ class Kube:
 
     def delete_service(self, namespace: str, name: str) -> None:
         self._absent_is_none(lambda: self.core.delete_namespaced_service(name, namespace))
+
+    def delete_deployment(self, namespace: str, name: str) -> None:
+        self._absent_is_none(lambda: self.apps.delete_namespaced_deployment(name, namespace))
 
     def job_pods(self, namespace: str, job_name: str) -> list[dict]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
@@ -94,3 +101,14 @@ class Kube:
             if e.status == 404:
                 return None
             raise
+
+
+def _rejected(e, obj: dict) -> Exception:
+    """Rejected for a 400/422 (the object itself is invalid), else the ApiException as it was."""
+    if e.status not in (400, 422):
+        return e
+    try:
+        message = json.loads(e.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        message = e.reason
+    return Rejected(f"{obj['kind']} {obj['metadata']['name']}: {message[:1000]}")

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
 
+    kopf.configure()  # INFO to stderr, as `kopf run` does; kopf.run() alone logs nothing but warnings
+
     kopf.run(
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,

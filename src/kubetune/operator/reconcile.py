@@ -55,10 +55,12 @@ def failure_message(api, namespace: str, job: dict) -> str:
 
 
 def needs_work(body: dict) -> bool:
-    """False once a job is finished (and, if it serves, its endpoint exists)."""
+    """False once a job is finished and its endpoint matches spec.serve (which may change after success)."""
     status = body.get("status") or {}
     if status.get("phase") == Phase.SUCCEEDED.value:
-        return bool(((body.get("spec") or {}).get("serve") or {}).get("enabled")) and not status.get("endpoint")
+        if ((body.get("spec") or {}).get("serve") or {}).get("enabled"):
+            return not status.get("endpoint") or status.get("observedGeneration") != body["metadata"].get("generation")
+        return bool(status.get("endpoint"))
     return status.get("phase") not in FINISHED
 
 
@@ -81,8 +83,8 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
 
 def _step(api, settings: Settings, job, status: dict, adopt: Callable[[dict], None]) -> Outcome:
     ns, name = job.metadata.namespace, job.metadata.name
-    if status.get("phase") == Phase.SUCCEEDED.value:  # serving was asked for
-        return _serve(job, status, settings, adopt, api)
+    if status.get("phase") == Phase.SUCCEEDED.value:  # spec.serve was turned on, changed or turned off
+        return _serve(job, status["outputModel"], {}, settings, adopt, api)
 
     # fromJob is resolved once, before the job starts, and kept in status.baseModel: deleting the base
     # job later must not send a running job back to Pending. The handlers re-run this when a base finishes.
@@ -144,7 +146,7 @@ def _step(api, settings: Settings, job, status: dict, adopt: Callable[[dict], No
     if state == "Complete":
         done = {**prepared, "outputModel": join(job.spec.output.uri, "model"), "completionTime": now()}
         if job.spec.serve.enabled:
-            return _serve(job, done, settings, adopt, api)
+            return _serve(job, done["outputModel"], done, settings, adopt, api)
         return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready", done)
     if state == "Failed":
         message = failure_message(api, ns, training)
@@ -175,21 +177,46 @@ def _base_model(api, ns: str, name: str, base: str) -> str | Outcome:
     if status.get("phase") == Phase.FAILED.value:  # Failed is final: waiting would be forever
         return Outcome(Phase.FAILED, "BaseJobFailed", f"model.fromJob '{base}' failed: {status.get('message', '')}")
     if status.get("phase") != Phase.SUCCEEDED.value or not status.get("outputModel"):
+        cycle = _cycle(api, ns, name, base, body)
+        if cycle:  # each would wait for the other forever
+            return Outcome(Phase.FAILED, "InvalidSpec", f"model.fromJob forms a cycle: {' → '.join(cycle)}")
         return Outcome(Phase.PENDING, "WaitingForBaseJob",
                        f"model.fromJob '{base}' has not succeeded yet (it is {status.get('phase') or 'Pending'})")
     return status["outputModel"]
 
 
-def _serve(job, status: dict, settings: Settings, adopt, api) -> Outcome:
-    """Deploy the endpoint for a succeeded job (Deployment + Service, owned by the job)."""
+def _cycle(api, ns: str, name: str, base: str, body: dict | None) -> list[str] | None:
+    """The chain name → base → … → name when following model.fromJob from ``base`` comes back to this job.
+    A chain that loops without this job is left to its members, which fail; this one then fails after them."""
+    chain = [name, base]
+    while body is not None and not (body.get("status") or {}).get("baseModel"):  # resolved: no longer waiting
+        after = ((body.get("spec") or {}).get("model") or {}).get("fromJob")
+        if not after or (after in chain and after != name):
+            return None
+        chain.append(after)
+        if after == name:
+            return chain
+        body = api.get_ftj(ns, after)
+    return None
+
+
+def _serve(job, model_uri: str, done: dict, settings: Settings, adopt, api) -> Outcome:
+    """Make the endpoint of a succeeded job match spec.serve: a Deployment and a Service owned by the job,
+    created, updated (replicas, resources, image after an edit) or removed."""
+    ns, serve = job.metadata.namespace, children.names(job.metadata.name)["serve"]
+    if not job.spec.serve.enabled:
+        api.delete_deployment(ns, serve)
+        api.delete_service(ns, serve)
+        return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready (no longer served: spec.serve.enabled is false)",
+                       {**done, "endpoint": None})
     try:
-        for obj in (children.serving_deployment(job, status["outputModel"], settings), children.serving_service(job)):
+        for obj in (children.serving_deployment(job, model_uri, settings), children.serving_service(job)):
             adopt(obj)
-            api.create(obj)
+            api.apply(obj)
     except Rejected as e:  # the model is there all the same: the job stays Succeeded
-        return Outcome(Phase.SUCCEEDED, "ServingFailed", f"the model is ready, but the API server rejected {e}", status)
+        return Outcome(Phase.SUCCEEDED, "ServingFailed", f"the model is ready, but the API server rejected {e}", done)
     url = children.serving_endpoint(job)
-    return Outcome(Phase.SUCCEEDED, "Serving", f"the model is ready and served at {url}", {**status, "endpoint": url})
+    return Outcome(Phase.SUCCEEDED, "Serving", f"the model is ready and served at {url}", {**done, "endpoint": url})
 
 
 def _attempt_text(attempt: int, max_retries: int) -> str:
