@@ -85,11 +85,16 @@ class ChatModel:
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         counted: list[int] = []
+        failed: list[BaseException] = []
 
         def run():
             with self.lock, torch.no_grad():
-                out = self.model.generate(**self._kwargs(ids, p), streamer=streamer)
-                counted.append(out.shape[1] - ids.shape[1])
+                try:
+                    out = self.model.generate(**self._kwargs(ids, p), streamer=streamer)
+                    counted.append(out.shape[1] - ids.shape[1])
+                except BaseException as e:  # end the stream, or the reader below waits forever
+                    failed.append(e)
+                    streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
@@ -104,6 +109,8 @@ class ChatModel:
             text += tail
             yield tail
         worker.join()
+        if failed:
+            raise failed[0]
         n = counted[0] if counted else 0
         reason = "stop" if stops.stopped or n < p.max_tokens else "length"
         yield Result(text, reason, int(ids.shape[1]), n)

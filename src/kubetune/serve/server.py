@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -53,6 +54,9 @@ async def openai_errors(request: web.Request, handler):
             raise
         kind = "invalid_request_error" if e.status < 500 else "server_error"
         return error_response(e.status, e.reason, kind)
+    except Exception as e:  # a failed generation: the type only, as the message may quote the prompt
+        print(f"{request.method} {request.path} failed: {type(e).__name__}", file=sys.stderr, flush=True)
+        return error_response(500, f"generation failed ({type(e).__name__})", "server_error")
 
 
 def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tuple[list[dict], Params, bool]:
@@ -194,7 +198,13 @@ async def _stream(request: web.Request, model: ChatModel, ids, params: Params, m
     await send({"role": "assistant", "content": ""})
     pieces = model.stream(ids, params)
     while True:
-        item = await asyncio.to_thread(next, pieces, None)
+        try:
+            item = await asyncio.to_thread(next, pieces, None)
+        except Exception as e:  # the status line is sent already: an error event, as OpenAI's API streams one
+            error = {"message": f"generation failed ({type(e).__name__})", "type": "server_error", "param": None,
+                     "code": None}
+            await response.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+            break
         if item is None:
             break
         if isinstance(item, Result):
