@@ -19,6 +19,11 @@ def test_jsonl_bad_lines_carry_file_line_and_reason():
     assert items[-1] == Record("s3://b/data.jsonl", 6, {"text": "last"})
 
 
+def test_jsonl_saved_with_a_byte_order_mark_keeps_line_1():
+    raw = "\ufeff".encode() + b'{"text": "first"}\r\n{"text": "second"}\r\n'  # as Notepad saves "UTF-8 with BOM"
+    assert [(r.line, r.data) for r in read_file("win.jsonl", raw)] == [(1, {"text": "first"}), (2, {"text": "second"})]
+
+
 def test_gzip_csv_and_parquet():
     gz = gzip.compress(b'{"prompt": "p", "completion": "c"}\n')
     assert [r.data for r in read_file("a.jsonl.gz", gz)] == [{"prompt": "p", "completion": "c"}]

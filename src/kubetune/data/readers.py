@@ -58,6 +58,7 @@ def read_file(name: str, raw: bytes) -> Iterator[Record | BadLine]:
 
 
 def _read_jsonl(name: str, raw: bytes) -> Iterator[Record | BadLine]:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors) is not part of line 1
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
