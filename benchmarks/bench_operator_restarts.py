@@ -36,6 +36,7 @@ def main() -> None:
 
     urllib3.disable_warnings()  # the test API server's certificate is self-signed
     cp = ControlPlane().start()
+    failed = True  # until the scenario has run clean: keep the logs of a crash or a wrong result
     try:
         cp.kubectl("apply", "-f", str(ROOT / "crds"))
         cp.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev")
@@ -46,11 +47,11 @@ def main() -> None:
                             ("orphan", result.orphans)):
             for line in lines:
                 print(f"  {what}: {line}")
-        if result.wrong or result.duplicates or result.orphans:
-            print(f"logs in {cp.dir}")
+        failed = bool(result.wrong or result.duplicates or result.orphans)
+        if failed:
             sys.exit(1)
     finally:
-        cp.stop()
+        cp.stop(keep=failed)
 
 
 if __name__ == "__main__":

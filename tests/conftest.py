@@ -75,8 +75,9 @@ def job_doc(train: str, output: str, **spec) -> dict:
 
 
 @pytest.fixture(scope="session")
-def control_plane():
-    """A real etcd + kube-apiserver (+ garbage collector) on loopback, with the CRD installed."""
+def control_plane(request):
+    """A real etcd + kube-apiserver (+ garbage collector) on loopback, with the CRD installed. Its
+    folder (logs, operator logs) is kept when a test failed."""
     from controlplane import ControlPlane
 
     cp = ControlPlane().start()
@@ -85,7 +86,7 @@ def control_plane():
         cp.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
         yield cp
     finally:
-        cp.stop()
+        cp.stop(keep=getattr(request.session, "e2e_failed", False))
 
 
 @pytest.fixture

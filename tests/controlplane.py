@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import ssl
 import subprocess
@@ -83,7 +84,8 @@ class ControlPlane:
             "--bind-address=127.0.0.1", f"--secure-port={_free_port()}", "--v=0"])
         return self
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
+        """Stop every component; remove the data dir (etcd, certs, logs) unless ``keep``, to look at it."""
         for proc in reversed(self.procs):
             proc.terminate()
         for proc in self.procs:
@@ -91,6 +93,11 @@ class ControlPlane:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+        if keep:
+            print(f"control plane logs kept in {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def restart(self, names: tuple[str, ...] = ("kube-apiserver", "etcd")) -> None:
         """Stop these components and start them again with the same arguments: same data dir and
