@@ -20,6 +20,12 @@ def test_examples_are_accepted(control_plane, namespace, example):
     assert "created (server dry run)" in run.stdout
 
 
+def test_status_fields_are_explained(control_plane):
+    run = control_plane.kubectl("explain", "ftj.status.progress")
+    assert "tokensPerSecond" in run.stdout and "The latest complete checkpoint" in run.stdout
+    assert "badLines" in control_plane.kubectl("explain", "ftj.status.dataReport").stdout
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d["spec"]["resources"].update(nodes=0), "spec.resources.nodes: Invalid value: 0"),
     (lambda d: d["spec"]["resources"].update(gpusPerNode=-1), "spec.resources.gpusPerNode: Invalid value: -1"),
@@ -121,7 +127,8 @@ def test_suspend_deletes_the_workload_and_keeps_progress(control_plane, namespac
     cp = control_plane
     with operator(cp, namespace):
         start_training(cp, namespace, ftj_doc("pausable"))
-        progress = {"step": 40, "totalSteps": 100, "percent": 40.0, "checkpoint": "s3://models/pausable/checkpoints/step-00000040"}
+        progress = {"phase": "training", "step": 40, "totalSteps": 100, "epoch": 0.4, "percent": 40.0,
+                    "tokensPerSecond": 900.0, "checkpoint": "s3://models/pausable/checkpoints/step-00000040"}
         cp.kubectl("patch", "ftj", "pausable", "-n", namespace, "--subresource=status", "--type=merge",
                    "-p", json.dumps({"status": {"progress": progress}}))
         cp.kubectl("patch", "ftj", "pausable", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
@@ -181,7 +188,7 @@ def test_kueue_queue_label_creates_suspended_jobs(control_plane, namespace):
 
 
 def test_pods_may_patch_only_their_own_jobs_status(control_plane, namespace, tmp_path):
-    from kubetune.train.progress import KubeStatusSink
+    from kubetune.status import Progress, StatusSink
 
     cp = control_plane
     with operator(cp, namespace):
@@ -192,14 +199,14 @@ def test_pods_may_patch_only_their_own_jobs_status(control_plane, namespace, tmp
     token = cp.kubectl("create", "token", "mine-trainer", "-n", namespace).stdout.strip()
     token_file = tmp_path / "token"
     token_file.write_text(token)
-    sink = KubeStatusSink("mine", namespace, cp.server, token_file, ca_file=None)
+    sink = StatusSink("mine", namespace, cp.server, token_file, ca_file=None)
     sink.context = __import__("ssl")._create_unverified_context()  # the test server's certificate is self-signed
-    sink.send({"step": 7, "totalSteps": 10, "percent": 70.0})
+    sink.send(Progress(phase="training", step=7, total_steps=10, epoch=0.7, percent=70.0, tokens_per_second=9.0))
     assert get(cp, namespace, "ftj", "mine")["status"]["progress"]["step"] == 7
-    other = KubeStatusSink("other", namespace, cp.server, token_file, ca_file=None)
+    other = StatusSink("other", namespace, cp.server, token_file, ca_file=None)
     other.context = sink.context
     with pytest.raises(Exception, match="403"):
-        other.send({"step": 1})
+        other.send(Progress(phase="training", step=1, total_steps=10, epoch=0.1, percent=10.0, tokens_per_second=9.0))
     run = cp.kubectl("get", "secrets", "-n", namespace, kubeconfig=cp.kubeconfig_for_token(token), check=False)
     assert run.returncode != 0 and "forbidden" in run.stderr
 

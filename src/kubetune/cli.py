@@ -33,17 +33,13 @@ def _prepare_job(job) -> None:
 
 def _report_to_cluster(report: dict) -> None:
     """In a pod, put the data report's counts into the FineTuneJob's status (counts only, no data)."""
-    from kubetune.train.progress import KubeStatusSink
+    from kubetune.status import DataReport, Status, StatusSink
 
-    sink = KubeStatusSink.from_environment()
+    sink = StatusSink.from_environment()
     if sink is None:
         return
-    counts = {"examplesIn": report["examples_in"], "train": report["examples_out"]["train"],
-              "validation": report["examples_out"]["validation"], "badLines": report["bad_lines"]["total"],
-              "exactDuplicates": report["duplicates"]["exact"], "nearDuplicates": report["duplicates"]["near"],
-              "piiRedacted": sum(report["pii_redacted"].values()), "trainTokens": report["tokens"]["train"]["tokens"]}
     try:
-        sink.patch_status({"dataReport": counts})
+        sink.patch(Status(data_report=DataReport.from_report(report)))
     except Exception as e:  # the report is in storage either way
         print(f"warning: could not put the data report into the job status ({type(e).__name__})", file=sys.stderr)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.spec import API_GROUP, API_VERSION, JOB_NAME, KIND, FineTuneJobSpec
+from kubetune.spec import API_GROUP, API_VERSION, JOB_NAME, KIND, PLURAL, FineTuneJobSpec
+from kubetune.status import Status
 
-PLURAL = "finetunejobs"
 CRD_FILE = f"crds/{PLURAL}.{API_GROUP}.yaml"
 
 
@@ -38,6 +38,9 @@ def _structural(node: Any, defs: dict) -> Any:
             raise ValueError(f"cannot express {options} in a structural schema")
     out: dict[str, Any] = {}
     for key, value in node.items():
+        if key == "additionalProperties" and value == {}:  # dict[str, Any]: any value, kept as it is
+            out["x-kubernetes-preserve-unknown-fields"] = True
+            continue
         if key in ("title", "$defs", "default") or (key == "additionalProperties" and not isinstance(value, dict)):
             continue  # extra="forbid" gives additionalProperties: false, which structural schemas reject
         if key == "properties":
@@ -59,6 +62,11 @@ def _structural(node: Any, defs: dict) -> Any:
 
 def spec_schema() -> dict:
     raw = FineTuneJobSpec.model_json_schema(by_alias=True)
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def status_schema() -> dict:
+    raw = Status.model_json_schema(by_alias=True)
     return _structural(raw, raw.get("$defs", {}))
 
 
@@ -86,11 +94,7 @@ def crd() -> dict:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": spec_schema(),
-            "status": {
-                "type": "object",
-                "description": "Observed state, written by the operator and the trainer.",
-                "x-kubernetes-preserve-unknown-fields": True,
-            },
+            "status": status_schema(),
         },
     }
     return {

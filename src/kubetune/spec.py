@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubetune.dev"
 API_VERSION = "v1alpha1"
+PLURAL = "finetunejobs"
 KIND = "FineTuneJob"
 
 PII_TYPES = ("email", "phone", "card", "iban", "ip", "ssn", "secret")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kubetune.spec import API_GROUP, API_VERSION
-
-PLURAL = "finetunejobs"
+from kubetune.spec import API_GROUP, API_VERSION, PLURAL
 
 
 class Rejected(Exception):

@@ -20,6 +20,7 @@ from kubetune.operator.conditions import FINISHED, Phase, conditions_for, now
 from kubetune.operator.kube import Rejected
 from kubetune.operator.settings import Settings
 from kubetune.spec import SpecError, parse_job
+from kubetune.status import Status
 from kubetune.storage import join
 
 
@@ -228,10 +229,9 @@ def _attempt_text(attempt: int, max_retries: int) -> str:
 def status_patch(previous: dict, outcome: Outcome, generation: int | None) -> dict:
     """The status fields the operator owns; progress and the data report are left to the pods."""
     at = now()
-    patch = {"phase": outcome.phase.value, "reason": outcome.reason, "message": outcome.message,
-             "conditions": conditions_for(outcome.phase, outcome.reason, outcome.message,
-                                          previous.get("conditions"), at),
-             "observedGeneration": generation, **outcome.status}
+    status = Status(phase=outcome.phase.value, reason=outcome.reason, message=outcome.message,
+                    conditions=conditions_for(outcome.phase, outcome.reason, outcome.message, previous.get("conditions"), at),
+                    observed_generation=generation, **outcome.status)
     if not previous.get("startTime"):
-        patch["startTime"] = at
-    return patch
+        status.start_time = at
+    return status.patch()
