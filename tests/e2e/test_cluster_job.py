@@ -36,6 +36,10 @@ RELEASE_NS = "kubetune-system"
 JOB = "nimbus-support"
 # Planted credentials: the S3 server accepts any; no log, event or status may show the secret.
 ACCESS_KEY, SECRET_KEY = "AKIAE2E" + uuid.uuid4().hex[:13].upper(), "e2e-secret-" + uuid.uuid4().hex
+# Planted personal data, in one more data file: none of it may reach an artifact, log, event or status.
+PII = ["mara.quintero+e2e@example.org", "+49 30 901820", "+91 98765 43210", "+81 3-1234-5678", "0151 23456789",
+       "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32",
+       "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJlMmUtcGlpIn0.c2lnbmF0dXJlLWUyZS1waWk"]
 
 
 def env() -> dict:
@@ -157,6 +161,7 @@ def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
     ns = namespace
     boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="kubetune")
     sh(sys.executable, "-m", "kubetune.cli", "upload", str(EXAMPLES / "data"), "s3://kubetune/data/", "--endpoint", s3)
+    boto3.client("s3", endpoint_url=s3).put_object(Bucket="kubetune", Key="data/planted-pii.jsonl", Body=planted_pii())
     kubectl("create", "secret", "generic", "s3-credentials", "-n", ns,
             f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}", f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}")
 
@@ -219,8 +224,10 @@ def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
     assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
     log(f"served: {reply.choices[0].message.content[:80]!r}")
 
-    # Nothing secret in logs, events or status.
+    # Nothing secret or personal in logs, events, status or what the job wrote to S3.
     assert_no_secret(ns)
+    scanned = assert_no_pii(ns, client)
+    log(f"planted secret and {len(PII)} PII values: 0 hits in {scanned} logs, events, status and artifacts")
 
     # Deleting the job removes every child; the data and the model stay in S3.
     kubectl("delete", "ftj", JOB, "-n", ns, "--wait=true", timeout=120)
@@ -259,12 +266,53 @@ def chat_through_service(ns: str):
                                           messages=[{"role": "user", "content": "How do I export my notes?"}])
 
 
-def assert_no_secret(ns: str) -> None:
+def planted_pii() -> bytes:
+    lines = [{"messages": [{"role": "user", "content": f"My details changed, please update them: {value}. Thanks!"},
+                           {"role": "assistant", "content": f"Done! I noted {value} on your account."}]} for value in PII]
+    lines.append({"messages": [{"role": "user", "content": f"Authorization: Bearer {PII[-1]} fails with 401"},
+                               {"role": "assistant", "content": "That token has expired; sign in again."}]})
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def assert_no_pii(ns: str, client) -> int:
+    """Search the job's text artifacts in S3 (report, cleaned data, the prepared shards' decoded tokens)
+    plus logs, events and status for the planted values; returns how many texts were searched."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    texts = cluster_texts(ns)
+    prefix = f"jobs/{JOB}/"
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="kubetune", Prefix=prefix)
+            for o in page.get("Contents", [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            if key.startswith(f"{prefix}model/") and not key.endswith((".safetensors", ".bin", ".pt")):
+                client.download_file("kubetune", key, str(Path(tmp) / Path(key).name))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        for key in keys:
+            body = client.get_object(Bucket="kubetune", Key=key)["Body"].read()
+            if key.endswith(".parquet"):
+                rows = pq.read_table(pa.BufferReader(body)).column("input_ids").to_pylist()
+                texts += [tokenizer.decode(ids) for ids in rows]
+            elif key.endswith((".json", ".jsonl", ".txt", ".md", ".yaml", ".csv")):
+                texts.append(body.decode("utf-8", errors="replace"))
+    hits = [(value, t[max(0, t.find(value) - 80):t.find(value) + 80]) for t in texts for value in PII if value in t]
+    assert not hits, hits[:5]
+    return len(texts)
+
+
+def cluster_texts(ns: str) -> list[str]:
+    """The job's status, the Events of both namespaces, the operator's log and every container's log."""
     texts = [json.dumps(ftj(ns)), kubectl("get", "events", "-n", ns, "-o", "json").stdout,
              kubectl("get", "events", "-n", RELEASE_NS, "-o", "json").stdout,
              kubectl("logs", "-n", RELEASE_NS, "deployment/kubetune-operator", "--tail=-1").stdout]
     for pod in get_json("pods", "-n", ns)["items"]:
         for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
             texts.append(kubectl("logs", "-n", ns, pod["metadata"]["name"], "-c", c["name"], check=False).stdout)
-    leaks = [t[:200] for t in texts if SECRET_KEY in t]
+    return texts
+
+
+def assert_no_secret(ns: str) -> None:
+    leaks = [t[:200] for t in cluster_texts(ns) if SECRET_KEY in t]
     assert not leaks, leaks
