@@ -67,5 +67,11 @@ def test_operator_works_with_only_the_charts_permissions(control_plane, namespac
         finish_job(cp, namespace, "rbac-train-1")
         wait_phase(cp, namespace, "rbac", "Succeeded")
         wait_for(lambda: get(cp, namespace, "deployment", "rbac-serve"), what="the serving Deployment")
+        serve = lambda s: cp.kubectl("patch", "ftj", "rbac", "-n", namespace, "--type=merge", "-p",  # noqa: E731
+                                     json.dumps({"spec": {"serve": s}}))
+        serve({"replicas": 2})  # an edit patches the Deployment, turning it off deletes it
+        wait_for(lambda: get(cp, namespace, "deployment", "rbac-serve")["spec"]["replicas"] == 2, what="2 replicas")
+        serve({"enabled": False})
+        wait_for(lambda: get(cp, namespace, "deployment", "rbac-serve") is None, what="Deployment removed")
         log = operator_log(op)
         assert "Forbidden" not in log and "403" not in log, log[-3000:]

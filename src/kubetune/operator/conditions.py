@@ -7,10 +7,10 @@ sets all four condition types so their state is never stale.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from enum import Enum
+from enum import StrEnum
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     PENDING = "Pending"
     PREPARING = "Preparing"
     TRAINING = "Training"
@@ -19,7 +19,17 @@ class Phase(str, Enum):
     FAILED = "Failed"
 
 
-FINISHED = {Phase.SUCCEEDED.value, Phase.FAILED.value}
+FINISHED = {Phase.SUCCEEDED, Phase.FAILED}
+
+
+class JobState(StrEnum):
+    """Where a child Job (prepare, or a training gang) stands."""
+
+    MISSING = "Missing"
+    ACTIVE = "Active"
+    SUSPENDED = "Suspended"  # created suspended, waiting for Kueue to admit it
+    COMPLETE = "Complete"
+    FAILED = "Failed"
 
 
 def now() -> str:

@@ -18,7 +18,7 @@ import kopf
 
 from kubetune.operator import metrics
 from kubetune.operator.children import JOB_LABEL, KUEUE_QUEUE_LABEL, MANAGED_BY
-from kubetune.operator.conditions import FINISHED
+from kubetune.operator.conditions import FINISHED, JobState, Phase
 from kubetune.operator.kube import Kube
 from kubetune.operator.reconcile import job_state, needs_work, reconcile, status_patch
 from kubetune.operator.settings import Settings
@@ -67,12 +67,12 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> bool:
         changed = {k: v for k, v in patch.items() if previous.get(k) != v}
         if changed.keys() - {"conditions"}:  # observedGeneration too: it tells a served job's edit was applied
             memo.api.patch_ftj_status(namespace, name, changed)
-        metrics.observe(namespace, name, outcome.phase.value)
-        if previous.get("phase") != outcome.phase.value or previous.get("reason") != outcome.reason:
-            event = kopf.warn if outcome.phase.value == "Failed" else kopf.info
+        metrics.observe(namespace, name, outcome.phase)
+        if previous.get("phase") != outcome.phase or previous.get("reason") != outcome.reason:
+            event = kopf.warn if outcome.phase == Phase.FAILED else kopf.info
             event(body, reason=outcome.reason, message=outcome.message)
-            logger.info(f"{namespace}/{name}: {outcome.phase.value} ({outcome.reason}) {outcome.message}")
-        return previous.get("phase") not in FINISHED and outcome.phase.value in FINISHED
+            logger.info(f"{namespace}/{name}: {outcome.phase} ({outcome.reason}) {outcome.message}")
+        return previous.get("phase") not in FINISHED and outcome.phase in FINISHED
 
 
 # Event handlers, not create/update handlers: they see every change (and, at start, every existing
@@ -88,7 +88,7 @@ def on_child_job(memo: kopf.Memo, body, namespace: str, logger, **_) -> None:
     labels = body.get("metadata", {}).get("labels") or {}
     owner = labels.get(JOB_LABEL)
     # A running Job changes nothing for its FineTuneJob, unless Kueue is deciding about it.
-    if owner and (job_state(body) not in ("Active", "Missing") or KUEUE_QUEUE_LABEL in labels):
+    if owner and (job_state(body) not in (JobState.ACTIVE, JobState.MISSING) or KUEUE_QUEUE_LABEL in labels):
         sync_or_retry(memo, namespace, owner, logger)
 
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kubetune.operator import children
-from kubetune.operator.conditions import FINISHED, Phase, conditions_for, now
+from kubetune.operator.conditions import FINISHED, JobState, Phase, conditions_for, now
 from kubetune.operator.kube import Rejected
 from kubetune.operator.settings import Settings
-from kubetune.spec import SpecError, parse_job
+from kubetune.spec import FineTuneJob, SpecError, parse_job
 from kubetune.status import Status
 from kubetune.storage import join
 
@@ -32,14 +32,14 @@ class Outcome:
     status: dict = field(default_factory=dict)  # other status fields to set
 
 
-def job_state(job: dict | None) -> str:
-    """Missing, Active, Suspended, Complete or Failed, from a Job's spec and conditions."""
+def job_state(job: dict | None) -> JobState:
+    """A Job's state from its spec and conditions."""
     if job is None:
-        return "Missing"
+        return JobState.MISSING
     for c in (job.get("status") or {}).get("conditions") or []:
-        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
-            return c["type"]
-    return "Suspended" if (job.get("spec") or {}).get("suspend") else "Active"
+        if c.get("status") == "True" and c.get("type") in (JobState.COMPLETE, JobState.FAILED):
+            return JobState(c["type"])
+    return JobState.SUSPENDED if (job.get("spec") or {}).get("suspend") else JobState.ACTIVE
 
 
 def failure_message(api, namespace: str, job: dict) -> str:
@@ -58,7 +58,7 @@ def failure_message(api, namespace: str, job: dict) -> str:
 def needs_work(body: dict) -> bool:
     """False once a job is finished and its endpoint matches spec.serve (which may change after success)."""
     status = body.get("status") or {}
-    if status.get("phase") == Phase.SUCCEEDED.value:
+    if status.get("phase") == Phase.SUCCEEDED:
         if ((body.get("spec") or {}).get("serve") or {}).get("enabled"):
             return not status.get("endpoint") or status.get("observedGeneration") != body["metadata"].get("generation")
         return bool(status.get("endpoint"))
@@ -67,7 +67,6 @@ def needs_work(body: dict) -> bool:
 
 def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]) -> Outcome | None:
     """Drive one FineTuneJob a step further; None when it is finished and there is nothing to do."""
-    status = body.get("status") or {}
     if not needs_work(body):
         return None
     meta = body["metadata"]
@@ -76,94 +75,134 @@ def reconcile(api, settings: Settings, body: dict, adopt: Callable[[dict], None]
                                               "labels": meta.get("labels") or {}}})
     except SpecError as e:
         return Outcome(Phase.FAILED, "InvalidSpec", "; ".join(e.problems))
+    step = Step(api, settings, job, body.get("status") or {}, adopt)
     try:
-        return _step(api, settings, job, status, adopt)
+        return step.run()
     except Rejected as e:  # a value the CRD lets through but a child may not have: say so, do not retry forever
         return Outcome(Phase.FAILED, "InvalidSpec", f"the API server rejected {e}")
 
 
-def _step(api, settings: Settings, job, status: dict, adopt: Callable[[dict], None]) -> Outcome:
-    ns, name = job.metadata.namespace, job.metadata.name
-    if status.get("phase") == Phase.SUCCEEDED.value:  # spec.serve was turned on, changed or turned off
-        return _serve(job, status["outputModel"], {}, settings, adopt, api)
+@dataclass
+class Step:
+    """One reconcile of one job: a method per phase, each returning the Outcome to record."""
 
-    # fromJob is resolved once, before the job starts, and kept in status.baseModel: deleting the base
-    # job later must not send a running job back to Pending. The handlers re-run this when a base finishes.
-    model_source = status.get("baseModel")
-    if job.spec.model.from_job and not model_source:
-        waiting = _base_model(api, ns, name, job.spec.model.from_job)
-        if isinstance(waiting, Outcome):
-            return waiting
-        model_source = waiting
-    base = {"baseModel": model_source} if job.spec.model.from_job else {}
+    api: object
+    settings: Settings
+    job: FineTuneJob
+    status: dict
+    adopt: Callable[[dict], None]
+    model_source: str | None = None  # model.fromJob, resolved
 
-    def ensure(obj: dict) -> None:
-        adopt(obj)  # owner reference: deleting the FineTuneJob deletes the child
-        api.create(obj)
+    def __post_init__(self):
+        self.ns, self.name = self.job.metadata.namespace, self.job.metadata.name
+        self.n = children.names(self.name)
+        self.attempt = int(self.status.get("retries") or 0)
+        self.train_name = children.training_job_name(self.name, self.attempt)
 
-    def start(workload: dict) -> None:
+    def run(self) -> Outcome:
+        if self.status.get("phase") == Phase.SUCCEEDED:  # spec.serve was turned on, changed or turned off
+            return self.serve(self.status["outputModel"], {})
+        # fromJob is resolved once, before the job starts, and kept in status.baseModel: deleting the base
+        # job later must not send a running job back to Pending. The handlers re-run this when a base finishes.
+        self.model_source = self.status.get("baseModel")
+        if self.job.spec.model.from_job and not self.model_source:
+            resolved = _base_model(self.api, self.ns, self.name, self.job.spec.model.from_job)
+            if isinstance(resolved, Outcome):
+                return resolved
+            self.model_source = resolved
+        if self.job.spec.suspend:
+            return self.suspend()
+        if not self.status.get("prepared"):
+            waiting = self.prepare()
+            if waiting:
+                return waiting
+        return self.train()
+
+    def ensure(self, obj: dict) -> None:
+        self.adopt(obj)  # owner reference: deleting the FineTuneJob deletes the child
+        self.api.create(obj)
+
+    def start(self, workload: dict) -> None:
         """Create a Job, after what its pods need: identity, permission to report, the job file."""
+        job = self.job
         for obj in (children.service_account(job), children.progress_role(job), children.progress_role_binding(job),
-                    children.config_map(job, model_source)):
-            ensure(obj)
-        ensure(workload)
+                    children.config_map(job, self.model_source)):
+            self.ensure(obj)
+        self.ensure(workload)
 
-    def start_gang(attempt: int) -> None:
-        ensure(children.headless_service(job))
-        start(children.training_job(job, attempt, settings))
-
-    n = children.names(name)
-    attempt = int(status.get("retries") or 0)
-    train_name = children.training_job_name(name, attempt)
-    if job.spec.suspend:
+    def suspend(self) -> Outcome:
         # Stop whatever runs. The gang may run although status.prepared is not written yet (the operator
         # died right after starting it); a finished prepare Job is kept, so resuming does not redo it.
-        api.delete_job(ns, train_name)
-        api.delete_service(ns, n["service"])
-        if not status.get("prepared") and job_state(api.get_job(ns, n["prepare"])) != "Complete":
-            api.delete_job(ns, n["prepare"])
+        self.api.delete_job(self.ns, self.train_name)
+        self.api.delete_service(self.ns, self.n["service"])
+        if not self.status.get("prepared") and job_state(self.api.get_job(self.ns, self.n["prepare"])) != JobState.COMPLETE:
+            self.api.delete_job(self.ns, self.n["prepare"])
         return Outcome(Phase.SUSPENDED, "Suspended", "spec.suspend is true; progress is kept")
 
-    if not status.get("prepared"):
-        prepare = api.get_job(ns, n["prepare"])
+    def prepare(self) -> Outcome | None:
+        """The Outcome while the data is not prepared yet; None once it is."""
+        prepare = self.api.get_job(self.ns, self.n["prepare"])
         state = job_state(prepare)
-        if state == "Missing":
-            start(children.prepare_job(job, settings))
+        if state == JobState.MISSING:
+            self.start(children.prepare_job(self.job, self.settings))
+            base = {"baseModel": self.model_source} if self.job.spec.model.from_job else {}
             return Outcome(Phase.PREPARING, "Preparing", "preparing the data", base)
-        if state == "Failed":
-            return Outcome(Phase.FAILED, "PreparationFailed", failure_message(api, ns, prepare))
-        if state != "Complete":
-            return Outcome(Phase.PREPARING, "Queued" if state == "Suspended" else "Preparing",
-                           "waiting for admission" if state == "Suspended" else "preparing the data")
+        if state == JobState.FAILED:
+            return Outcome(Phase.FAILED, "PreparationFailed", failure_message(self.api, self.ns, prepare))
+        if state == JobState.SUSPENDED:
+            return Outcome(Phase.PREPARING, "Queued", "waiting for admission")
+        if state == JobState.ACTIVE:
+            return Outcome(Phase.PREPARING, "Preparing", "preparing the data")
+        return None
 
-    training = api.get_job(ns, train_name)
-    state = job_state(training)
-    prepared = {"prepared": True, "trainingJob": train_name}
-    if state == "Missing":
-        if attempt:  # the failed gang before it, if still there (its deletion and this start are one step)
-            api.delete_job(ns, children.training_job_name(name, attempt - 1))
-        start_gang(attempt)
-        return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
-    if state == "Complete":
-        done = {**prepared, "outputModel": join(job.spec.output.uri, "model"), "completionTime": now()}
-        if job.spec.serve.enabled:
-            return _serve(job, done["outputModel"], done, settings, adopt, api)
-        return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready", done)
-    if state == "Failed":
-        message = failure_message(api, ns, training)
-        if attempt >= job.spec.max_retries:
-            return Outcome(Phase.FAILED, "TrainingFailed",
-                           f"training failed {attempt + 1} time(s), spec.maxRetries is {job.spec.max_retries}: {message}")
-        # Only record the retry here; the next reconcile (this status write triggers it) deletes this gang
-        # and starts the next. Acting first, an operator dying before the write came back to retries N
-        # and no gang N, and started gang N again, next to gang N+1.
-        retry = attempt + 1
-        return Outcome(Phase.TRAINING, "Retrying",
-                       f"attempt {attempt + 1} failed ({message}); attempt {retry + 1} resumes from the latest checkpoint",
-                       {**prepared, "retries": retry, "trainingJob": children.training_job_name(name, retry)})
-    if state == "Suspended":
-        return Outcome(Phase.TRAINING, "Queued", "waiting for admission", prepared)
-    return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, job.spec.max_retries), prepared)
+    def train(self) -> Outcome:
+        training = self.api.get_job(self.ns, self.train_name)
+        state, attempt, max_retries = job_state(training), self.attempt, self.job.spec.max_retries
+        prepared = {"prepared": True, "trainingJob": self.train_name}
+        if state == JobState.MISSING:
+            if attempt:  # the failed gang before it, if still there (its deletion and this start are one step)
+                self.api.delete_job(self.ns, children.training_job_name(self.name, attempt - 1))
+            self.ensure(children.headless_service(self.job))
+            self.start(children.training_job(self.job, attempt, self.settings))
+            return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, max_retries), prepared)
+        if state == JobState.COMPLETE:
+            done = {**prepared, "outputModel": join(self.job.spec.output.uri, "model"), "completionTime": now()}
+            if self.job.spec.serve.enabled:
+                return self.serve(done["outputModel"], done)
+            return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready", done)
+        if state == JobState.FAILED:
+            message = failure_message(self.api, self.ns, training)
+            if attempt >= max_retries:
+                return Outcome(Phase.FAILED, "TrainingFailed",
+                               f"training failed {attempt + 1} time(s), spec.maxRetries is {max_retries}: {message}")
+            # Only record the retry here; the next reconcile (this status write triggers it) deletes this gang
+            # and starts the next. Acting first, an operator dying before the write came back to retries N
+            # and no gang N, and started gang N again, next to gang N+1.
+            retry = attempt + 1
+            return Outcome(Phase.TRAINING, "Retrying",
+                           f"attempt {attempt + 1} failed ({message}); attempt {retry + 1} resumes from the latest checkpoint",
+                           {**prepared, "retries": retry, "trainingJob": children.training_job_name(self.name, retry)})
+        if state == JobState.SUSPENDED:
+            return Outcome(Phase.TRAINING, "Queued", "waiting for admission", prepared)
+        return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, max_retries), prepared)
+
+    def serve(self, model_uri: str, done: dict) -> Outcome:
+        """Make the endpoint of a succeeded job match spec.serve: a Deployment and a Service owned by the job,
+        created, updated (replicas, resources, image after an edit) or removed."""
+        job = self.job
+        if not job.spec.serve.enabled:
+            self.api.delete_deployment(self.ns, self.n["serve"])
+            self.api.delete_service(self.ns, self.n["serve"])
+            return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready (no longer served: spec.serve.enabled is false)",
+                           {**done, "endpoint": None})
+        try:
+            for obj in (children.serving_deployment(job, model_uri, self.settings), children.serving_service(job)):
+                self.adopt(obj)
+                self.api.apply(obj)  # not create: an edit of spec.serve changes the Deployment
+        except Rejected as e:  # the model is there all the same: the job stays Succeeded
+            return Outcome(Phase.SUCCEEDED, "ServingFailed", f"the model is ready, but the API server rejected {e}", done)
+        url = children.serving_endpoint(job)
+        return Outcome(Phase.SUCCEEDED, "Serving", f"the model is ready and served at {url}", {**done, "endpoint": url})
 
 
 def _base_model(api, ns: str, name: str, base: str) -> str | Outcome:
@@ -175,9 +214,9 @@ def _base_model(api, ns: str, name: str, base: str) -> str | Outcome:
         return Outcome(Phase.PENDING, "WaitingForBaseJob",
                        f"model.fromJob '{base}' does not exist in namespace '{ns}'; waiting for it to be created and succeed")
     status = body.get("status") or {}
-    if status.get("phase") == Phase.FAILED.value:  # Failed is final: waiting would be forever
+    if status.get("phase") == Phase.FAILED:  # Failed is final: waiting would be forever
         return Outcome(Phase.FAILED, "BaseJobFailed", f"model.fromJob '{base}' failed: {status.get('message', '')}")
-    if status.get("phase") != Phase.SUCCEEDED.value or not status.get("outputModel"):
+    if status.get("phase") != Phase.SUCCEEDED or not status.get("outputModel"):
         cycle = _cycle(api, ns, name, base, body)
         if cycle:  # each would wait for the other forever
             return Outcome(Phase.FAILED, "InvalidSpec", f"model.fromJob forms a cycle: {' → '.join(cycle)}")
@@ -199,25 +238,6 @@ def _cycle(api, ns: str, name: str, base: str, body: dict | None) -> list[str] |
             return chain
         body = api.get_ftj(ns, after)
     return None
-
-
-def _serve(job, model_uri: str, done: dict, settings: Settings, adopt, api) -> Outcome:
-    """Make the endpoint of a succeeded job match spec.serve: a Deployment and a Service owned by the job,
-    created, updated (replicas, resources, image after an edit) or removed."""
-    ns, serve = job.metadata.namespace, children.names(job.metadata.name)["serve"]
-    if not job.spec.serve.enabled:
-        api.delete_deployment(ns, serve)
-        api.delete_service(ns, serve)
-        return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready (no longer served: spec.serve.enabled is false)",
-                       {**done, "endpoint": None})
-    try:
-        for obj in (children.serving_deployment(job, model_uri, settings), children.serving_service(job)):
-            adopt(obj)
-            api.apply(obj)
-    except Rejected as e:  # the model is there all the same: the job stays Succeeded
-        return Outcome(Phase.SUCCEEDED, "ServingFailed", f"the model is ready, but the API server rejected {e}", done)
-    url = children.serving_endpoint(job)
-    return Outcome(Phase.SUCCEEDED, "Serving", f"the model is ready and served at {url}", {**done, "endpoint": url})
 
 
 def _attempt_text(attempt: int, max_retries: int) -> str:
