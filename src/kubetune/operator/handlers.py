@@ -26,6 +26,7 @@ from kubetune.spec import API_GROUP, API_VERSION
 
 FTJ = (API_GROUP, API_VERSION, "finetunejobs")
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+_seen_errors: set[str] = set()
 
 
 @kopf.on.startup()
@@ -79,7 +80,10 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> bool:
 # job, which covers an operator restart) without Kopf writing its own bookkeeping into each object.
 @kopf.on.event(*FTJ)
 def on_job(memo: kopf.Memo, type: str, body, namespace: str, name: str, logger, **_) -> None:
-    if type != "DELETED" and needs_work(body):
+    if type == "DELETED":  # its children go with it (owner references); forget what is kept per job
+        _locks.pop(f"{namespace}/{name}", None)
+        metrics.forget(namespace, name)
+    elif needs_work(body):
         sync_or_retry(memo, namespace, name, logger)
 
 
@@ -119,7 +123,14 @@ def wake_waiting_jobs(memo: kopf.Memo, namespace: str, base: str, logger, delay:
 
 
 def _retry_later(what: str, error: Exception, logger, delay: float, func, *args) -> None:
-    logger.warning(f"{what} failed ({type(error).__name__}: {error}); retrying in {delay:.0f} s")
+    """Call ``func`` again after ``delay`` (doubling up to 5 min). The traceback is logged once per
+    distinct error; a repeat (the API server away for minutes) is one line each time."""
+    key = f"{type(error).__name__}: {error}"
+    if key in _seen_errors:
+        logger.warning(f"{what} failed again ({key}); retrying in {delay:.0f} s")
+    else:
+        _seen_errors.add(key)
+        logger.exception(f"{what} failed; retrying in {delay:.0f} s", exc_info=error)
     retry = threading.Timer(delay, func, (*args, min(delay * 2, 300.0)))
     retry.daemon = True
     retry.start()

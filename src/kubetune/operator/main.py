@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> None:
 
     kopf.run(
         clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        standalone=not settings.peering,
-        peering_name=settings.peering or None,
+        namespaces=settings.namespaces,  # peering: set up in handlers.configure, from the same settings
         liveness_endpoint=args.liveness or None,
         # Kopf's default identity asks the passwd database for the user name, which fails for a
         # UID with no entry (the chart's 10001, OpenShift's random UIDs); the pod name is unique.
