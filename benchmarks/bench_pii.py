@@ -32,8 +32,9 @@ import time
 from typing import Callable
 
 from kubetune.data.pii import PLACEHOLDER, Scrubber
+from kubetune.spec import PII_TYPES
 
-TYPES = ["email", "phone", "card", "iban", "ip", "ssn", "secret"]
+TYPES = list(PII_TYPES)
 
 PHONES = [
     # the numbers that leaked

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,8 +19,8 @@ API_VERSION = "v1alpha1"
 PLURAL = "finetunejobs"
 KIND = "FineTuneJob"
 
-PII_TYPES = ("email", "phone", "card", "iban", "ip", "ssn", "secret")
 PiiType = Literal["email", "phone", "card", "iban", "ip", "ssn", "secret"]
+PII_TYPES = get_args(PiiType)
 DEFAULT_LEARNING_RATE = {"lora": 2.0e-4, "full": 2.0e-5}
 
 # Values that end up in the child objects (Jobs, Services, Deployments) are checked here, at admission,

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kubetune.data.formats import ROLES
 from kubetune.serve.engine import ChatModel, Params, Result
 
 STATIC = Path(__file__).parent / "static"
 OPENAPI = Path(__file__).parent / "openapi.json"
 MAX_BODY = 1024 * 1024
-ROLES = ("system", "user", "assistant")
 MIN_TEMPERATURE = 1e-5  # below this, greedy decoding
 
 
