@@ -112,3 +112,13 @@ def _as_str(value: object, key: str) -> str:
 
 def _with_weights(messages: list[dict]) -> list[dict]:
     return [{**m, "weight": 1 if m["role"] == "assistant" else 0} for m in messages]
+
+
+def is_valid_unicode(text: str) -> bool:
+    """False for text with lone surrogates (undecodable bytes kept by surrogateescape, or a JSON
+    "\\ud800" escape), which UTF-8 cannot encode and tokenizers reject."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

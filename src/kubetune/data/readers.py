@@ -14,6 +14,8 @@ from typing import Iterator
 
 import orjson
 
+from kubetune.data.formats import is_valid_unicode
+
 # The csv module's default field limit (128 KiB) stopped a file at its first large field, losing
 # every row after it; a field may be as large as the file.
 csv.field_size_limit(2**31 - 1)
@@ -86,7 +88,7 @@ def _read_csv(name: str, raw: bytes) -> Iterator[Record | BadLine]:
     try:
         for row in reader:
             values = [v for v in row.values() if isinstance(v, str)]
-            if any(_has_surrogates(v) for v in values):
+            if not all(is_valid_unicode(v) for v in values):
                 yield BadLine(name, start, "not valid UTF-8")
             elif None in row:
                 yield BadLine(name, start, "more fields than the header")
@@ -95,14 +97,6 @@ def _read_csv(name: str, raw: bytes) -> Iterator[Record | BadLine]:
             start = reader.line_num + 1
     except csv.Error as e:
         yield BadLine(name, start, f"malformed CSV: {e}")
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
 
 
 def _read_parquet(name: str, raw: bytes) -> Iterator[Record | BadLine]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from kubetune.data.formats import ROLES
+from kubetune.data.formats import ROLES, is_valid_unicode
 from kubetune.serve.engine import ChatModel, Params, Result
 
 STATIC = Path(__file__).parent / "static"
@@ -80,7 +80,7 @@ def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tupl
         if not isinstance(content, str):
             raise RequestError(400, f"messages[{i}].content must be a string or an array of text parts",
                                f"messages[{i}].content")
-        if not _is_unicode(content):  # a lone surrogate escape ("\ud800") made the tokenizer raise: a 500
+        if not is_valid_unicode(content):  # a lone surrogate escape ("\ud800") made the tokenizer raise: a 500
             raise RequestError(400, f"messages[{i}].content is not valid Unicode (lone surrogate)", f"messages[{i}].content")
         if not isinstance(m.get("name", ""), str):  # not used, but OpenAI's API has it as a string
             raise RequestError(400, f"messages[{i}].name must be a string", f"messages[{i}].name")
@@ -112,14 +112,6 @@ def _is_part(part: object) -> bool:
     """An OpenAI content part: {"type": "text", "text": "..."}; other types (image_url...) are ignored."""
     return (isinstance(part, dict) and isinstance(part.get("type"), str) and isinstance(part.get("text", ""), str)
             and (part["type"] != "text" or "text" in part))
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _number(body: dict, names: tuple[str, ...], kind, low, high, default):

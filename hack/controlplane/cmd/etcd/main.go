@@ -1,4 +1,4 @@
-// etcd, exactly as upstream's main.go.
+// etcd, as upstream's main.go.
 package main
 
 import (

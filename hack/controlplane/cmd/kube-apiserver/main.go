@@ -1,18 +1,11 @@
-// kube-apiserver, exactly as upstream's cmd/kube-apiserver/apiserver.go.
+// kube-apiserver, as upstream's cmd/kube-apiserver/apiserver.go.
 package main
 
 import (
-	"os"
-
-	"k8s.io/component-base/cli"
-	_ "k8s.io/component-base/logs/json/register"
-	_ "k8s.io/component-base/metrics/prometheus/clientgo"
-	_ "k8s.io/component-base/metrics/prometheus/version"
 	"k8s.io/kubernetes/cmd/kube-apiserver/app"
+	"kubetune.dev/hack/controlplane/internal/component"
 )
 
 func main() {
-	command := app.NewAPIServerCommand()
-	code := cli.Run(command)
-	os.Exit(code)
+	component.Run(app.NewAPIServerCommand())
 }
