@@ -34,8 +34,8 @@ def main() -> None:
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kubetune.train import attention
-    from kubetune.train.data import Rows, collate, to_device, token_stats
+    from kubetune.packed import attention
+    from kubetune.packed.rows import Rows, collate, to_device, token_stats
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="1b", choices=PRESETS)

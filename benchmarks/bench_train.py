@@ -43,7 +43,7 @@ def kubetune_tokens_per_second(doc: dict, out: Path, nproc: int) -> float:
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))[1:]  # the first step includes warm-up
     meta = json.loads((out / "prepared" / "meta.json").read_text())
-    from kubetune.train.data import load_rows
+    from kubetune.packed.rows import load_rows
     from kubetune.train.plan import make_plan, step_rows
 
     data = load_rows(out, "train")

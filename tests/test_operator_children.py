@@ -28,10 +28,9 @@ def test_gang_is_an_indexed_job_with_rendezvous_on_pod_zero():
     assert spec["suspend"] is True and j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert spec["ttlSecondsAfterFinished"] == 600
     c = pod["containers"][0]
-    assert c["command"] == ["torchrun"]
-    assert c["args"][:5] == ["--nnodes=3", "--nproc-per-node=8", "--node-rank=$(NODE_RANK)",
+    assert c["command"] == ["kubetune"] and c["args"][:2] == ["train-job", "/etc/kubetune/job.yaml"]
+    assert c["args"][2:] == ["--nnodes=3", "--nproc-per-node=8", "--node-rank=$(NODE_RANK)",
                              "--master-addr=bot-train-2-0.bot-train", "--master-port=29500"]
-    assert c["args"][-3:] == ["-m", "kubetune.train", "/etc/kubetune/job.yaml"]
     assert c["resources"]["limits"] == {"nvidia.com/gpu": 8}
     assert c["image"] == "registry.example/kubetune-trainer:1"
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]  # referenced, never read

@@ -5,7 +5,7 @@ from boto3.s3.transfer import TransferConfig
 
 from conftest import start_moto
 from kubetune.spec import Storage
-from kubetune.storage import CREDENTIALS_DIR_ENV, S3Store, StorageError, download_tree, store_for, upload_tree
+from kubetune.storage import CREDENTIALS_DIR_ENV, Mirror, S3Store, StorageError, download_tree, store_for, upload_tree
 
 
 def test_prefix_lists_every_shard_and_a_key_names_one_file(s3, s3_server):
@@ -116,3 +116,37 @@ def test_cli_upload_creates_the_bucket_and_copies_a_folder(s3_server, tmp_path):
     assert run.returncode == 0, run.stderr
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="fresh-bucket")["Contents"]]
     assert sorted(keys) == ["data/a.jsonl", "data/sub/b.jsonl"]
+
+
+def test_a_local_location_is_its_own_mirror(tmp_path):
+    out = Mirror(str(tmp_path / "out"), scratch=tmp_path / "scratch")
+    assert out.path == tmp_path / "out" and not out.remote
+    (out.path / "model").mkdir(parents=True)
+    (out.path / "model" / "w.bin").write_bytes(b"w")
+    out.publish()
+    out.publish("model")
+    assert out.fetch("model") == tmp_path / "out" / "model"
+    assert not (tmp_path / "scratch").exists()  # nothing is copied anywhere
+
+
+def test_an_s3_mirror_fetches_and_publishes_parts(s3, s3_server, tmp_path):
+    client, bucket = s3
+    spec = Storage(endpoint=s3_server)
+    out = Mirror(f"s3://{bucket}/job/", tmp_path / "scratch", spec)
+    assert out.path == tmp_path / "scratch" and out.remote
+    (out.path / "model" / "sub").mkdir(parents=True)
+    (out.path / "model" / "sub" / "w.bin").write_bytes(b"w")
+    (out.path / "metrics.csv").write_text("step\n1\n")
+    out.publish("model")
+    assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["job/model/sub/w.bin"]
+    out.publish()
+    assert sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]) == [
+        "job/metrics.csv", "job/model/sub/w.bin"]
+
+    fresh = Mirror(f"s3://{bucket}/job", tmp_path / "fresh", spec)  # a new node: an empty scratch
+    assert fresh.fetch("model") == tmp_path / "fresh" / "model"
+    assert (tmp_path / "fresh" / "model" / "sub" / "w.bin").read_bytes() == b"w"
+    assert fresh.fetch("metrics.csv").read_text() == "step\n1\n"  # one object: that file
+    assert Mirror(f"s3://{bucket}/job/model", tmp_path / "m", spec).fetch().joinpath("sub", "w.bin").read_bytes() == b"w"
+    with pytest.raises(StorageError, match="no objects under this prefix"):
+        fresh.fetch("tokenizer")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from kubetune.models import config_for
+from kubetune.packed import attention
+from kubetune.packed.rows import IGNORE, Rows, collate, token_stats
 from kubetune.spec import FromConfig
-from kubetune.train import attention
-from kubetune.train.data import IGNORE, Rows, collate, token_stats
 from kubetune.train.plan import PlanError, fingerprint, make_plan, rank_micro_batches, step_rows
 from kubetune.train.recipe import warmup_cosine
 

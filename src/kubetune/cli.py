@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kubetune.errors import KubetuneError
 from kubetune.spec import SpecError, load_job
-from kubetune.storage import StorageError
 
 
 def _validate(args) -> int:
@@ -50,12 +50,14 @@ def _prepare(args) -> int:
 
 
 def _train_job(job, nproc: int) -> tuple[int, str]:
-    """Run the trainer under torchrun: its exit code, and the cause a failed rank wrote, if any."""
+    """Run the trainer under torchrun, then the evaluation once its processes have ended: the exit
+    code, and the cause a failed rank wrote, if any."""
     import json
     import os
     import subprocess
     import tempfile
 
+    from kubetune.evaluate.run import evaluate_after_training
     from kubetune.train.launch import cpu_threads_env, torchrun_command
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="kubetune-job-", delete=False) as f:
@@ -68,11 +70,25 @@ def _train_job(job, nproc: int) -> tuple[int, str]:
         if code and os.path.exists(errors):
             with open(errors) as e:
                 cause = e.readline().strip()
-        return code, cause
     finally:
         for path in (f.name, errors):
             if os.path.exists(path):
                 os.unlink(path)
+    if not code:
+        evaluate_after_training(job)
+    return code, cause
+
+
+def _train_pod(args) -> int:
+    """A training pod's command: torchrun with the operator's launcher options, then on node 0 the
+    evaluation, once the gang has let go of the accelerators."""
+    from kubetune.evaluate.run import evaluate_after_training
+    from kubetune.train.launch import launcher_command, node_rank, run_passing_signals
+
+    code = run_passing_signals(launcher_command(args.job, args.launcher))
+    if not code and node_rank(args.launcher) == 0:
+        evaluate_after_training(load_job(args.job))
+    return code
 
 
 def _train(args) -> int:
@@ -138,19 +154,12 @@ def _evaluate(args) -> int:
 
 
 def _serve(args) -> int:
-    import tempfile
-    from pathlib import Path
-
     from kubetune.serve.server import serve
     from kubetune.spec import Storage
-    from kubetune.storage import download_tree, is_s3
+    from kubetune.storage import Mirror
 
-    path = args.model
-    if is_s3(path):
-        local = tempfile.mkdtemp(prefix="kubetune-serve-")
-        download_tree(path, Path(local), Storage(endpoint=args.endpoint))
-        path = local
-    serve(path, args.host, args.port, args.name, args.max_tokens, args.max_queue)
+    model = Mirror(args.model, spec=Storage(endpoint=args.endpoint))  # an s3:// model: a local copy first
+    serve(str(model.fetch()), args.host, args.port, args.name, args.max_tokens, args.max_queue)
     return 0
 
 
@@ -196,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("train", "run"):
             p.add_argument("--nproc", type=int, help="training processes (default: GPUs, else 2 on CPU)")
         p.set_defaults(func=func)
+    p = sub.add_parser("train-job", help="a training pod's command: torchrun with these launcher options, then "
+                       "evaluation on node 0")
+    p.add_argument("job")
+    p.add_argument("launcher", nargs=argparse.REMAINDER, help="torchrun options, e.g. --nnodes=2 --node-rank=0")
+    p.set_defaults(func=_train_pod)
     p = sub.add_parser("serve", help="serve a model folder or s3:// model as an OpenAI-compatible endpoint")
     p.add_argument("model", help="a Hugging Face model folder or s3://bucket/prefix/model/")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default 127.0.0.1)")
@@ -224,15 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_crd)
     args = parser.parse_args(argv)
 
-    from kubetune.data.prepare import PrepareError
-    from kubetune.models import ModelError
-
     try:
         return args.func(args)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (StorageError, PrepareError, ModelError) as e:
+    except KubetuneError as e:  # storage, preparation, the model: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
 

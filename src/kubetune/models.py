@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from kubetune.errors import KubetuneError
 from kubetune.spec import FineTuneJob, FromConfig
 from kubetune.storage import download_tree, is_s3
 
@@ -30,7 +31,7 @@ SIZE_PRESETS = {
 }
 
 
-class ModelError(Exception):
+class ModelError(KubetuneError):
     """The base model cannot be found or loaded."""
 
 
@@ -123,3 +124,24 @@ def load_model(job: FineTuneJob, tokenizer, source: str | None = None, dtype=Non
     except OSError as e:
         raise ModelError(f"model.source: cannot load a model from {source}: {str(e).splitlines()[0]}") from None
 
+
+
+def build_model(job: FineTuneJob, tokenizer, source: str | None, dtype):
+    """The model as the trainer trains it: packed-row attention, gradient checkpointing, LoRA."""
+    from kubetune.packed import attention
+
+    t = job.spec.training
+    model = load_model(job, tokenizer, source=source, dtype=dtype)
+    model.set_attn_implementation(attention.register())  # packed rows: attention within each document
+    model.config.use_cache = False
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if t.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        if t.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(
+            r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+            target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
+    return model

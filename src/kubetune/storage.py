@@ -11,9 +11,11 @@ import io
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from kubetune.errors import KubetuneError
 from kubetune.spec import Storage as StorageSpec
 
 # A Secret mounted as a volume: one file per key (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
@@ -22,7 +24,7 @@ _MULTIPART_BYTES = 64 * 1024 * 1024
 _RETRIES = 8  # botocore "standard" mode: retries after the first attempt, backoff with jitter up to 20 s apart
 
 
-class StorageError(Exception):
+class StorageError(KubetuneError):
     """A storage operation failed; the message is one line and safe to show."""
 
 
@@ -278,8 +280,34 @@ def upload_tree(local_dir: Path, uri: str, spec: StorageSpec | None = None) -> N
 
 
 def download_tree(uri: str, local_dir: Path, spec: StorageSpec | None = None) -> None:
-    """Copy every object under the prefix ``uri`` into ``local_dir``."""
+    """Copy every object under the prefix ``uri`` into ``local_dir`` (a URI naming one object: to ``local_dir``)."""
     store = store_for(uri, spec)
     root = uri.rstrip("/") + "/"
     for file_uri in store.list(uri):
-        store.download(file_uri, Path(local_dir) / file_uri.removeprefix(root))
+        inside = "" if file_uri == uri else file_uri.removeprefix(root)  # "": the URI names one object
+        store.download(file_uri, Path(local_dir) / inside)
+
+
+class Mirror:
+    """A local folder that stands for an output location, so every stage writes files the same way.
+
+    A local location is its own mirror: ``path`` is the folder itself and ``fetch``/``publish`` do
+    nothing. For s3:// ``path`` is a scratch folder; ``fetch`` downloads a part of the location into
+    it and ``publish`` uploads a part (or all) of it. In a gang, one process per node calls them
+    (``kubetune.train.distributed.is_node_leader``): the others share the node's scratch.
+    """
+
+    def __init__(self, uri: str, scratch: Path | None = None, spec: StorageSpec | None = None):
+        self.uri, self.spec, self.remote = uri, spec, is_s3(uri)
+        self.path = Path(scratch or tempfile.mkdtemp(prefix="kubetune-mirror-")) if self.remote else Path(uri)
+
+    def fetch(self, part: str = "") -> Path:
+        """The local copy of ``part`` (a sub-folder or one file; default: everything), downloaded when remote."""
+        if self.remote:
+            download_tree(join(self.uri, part), self.path / part, self.spec)
+        return self.path / part
+
+    def publish(self, part: str = "") -> None:
+        """Upload the local ``part`` (a sub-folder; default: everything) when remote."""
+        if self.remote:
+            upload_tree(self.path / part, join(self.uri, part), self.spec)

@@ -27,6 +27,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kubetune.errors import KubetuneError
 from kubetune.data.clean import conversation_text, normalize_text, quality_problem
 from kubetune.data.dedup import NearDedup, exact_key
 from kubetune.data.formats import FormatError, standardize
@@ -35,14 +36,14 @@ from kubetune.data.readers import BadLine, is_data_file, read_file
 from kubetune.data.tokenize import IGNORE, packed_rows, tokenize_batch
 from kubetune.models import load_tokenizer
 from kubetune.spec import FineTuneJob
-from kubetune.storage import is_s3, join, store_for, upload_tree
+from kubetune.storage import Mirror, join, store_for
 
 ROWS_PER_SHARD = 10_000
 MAX_LISTED_BAD_LINES = 100
 TOKENIZER_CHARS_PER_TOKEN = 8  # generous: byte-level BPE tokens average 2-4 characters
 
 
-class PrepareError(Exception):
+class PrepareError(KubetuneError):
     """Preparation cannot produce usable data; the message says why in one line."""
 
 
@@ -245,9 +246,9 @@ def _tokenize_and_pack(tokenizer, examples: list[Example], max_len: int, packing
 
 
 def _write_outputs(job: FineTuneJob, tokenizer, shards: dict, splits: dict, data_report: dict) -> None:
-    out_uri = job.spec.output.uri
     with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as tmp:
-        root = Path(tmp) if is_s3(out_uri) else Path(out_uri)
+        out = Mirror(job.spec.output.uri, Path(tmp), job.spec.storage)
+        root = out.path
         prepared = root / "prepared"
         prepared.mkdir(parents=True, exist_ok=True)
         meta = {"max_seq_length": job.spec.preprocessing.max_seq_length, "packing": job.spec.preprocessing.packing,
@@ -265,8 +266,7 @@ def _write_outputs(job: FineTuneJob, tokenizer, shards: dict, splits: dict, data
         (prepared / "meta.json").write_text(json.dumps(meta, indent=2))
         tokenizer.save_pretrained(root / "tokenizer")
         (root / "data_report.json").write_text(json.dumps(data_report, indent=2))
-        if is_s3(out_uri):
-            upload_tree(root, out_uri, job.spec.storage)
+        out.publish()
 
 
 def _table(rows: list[dict]) -> pa.Table:

@@ -8,9 +8,10 @@ inside a span keep their id as label; all others get -100. The turn's end-of-tur
 the span, so the model learns to stop.
 
 Packing: best-fit decreasing into rows of ``max_seq_length``. Each row records its documents'
-lengths (``doc_lens``); the trainer turns them into per-document position ids and a block-diagonal
-causal attention mask, so a packed example never attends to its neighbours. The first token of
-every document is unlabeled, so no loss crosses a document boundary either.
+lengths (``doc_lens``); the trainer turns them into per-document position ids and runs causal
+attention on each document's slice alone (``kubetune.packed.attention``), so a packed example never
+attends to its neighbours. The first token of every document is unlabeled, so no loss crosses a
+document boundary either.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-IGNORE = -100
+from kubetune.packed import IGNORE
 
 
 class TemplateError(ValueError):

@@ -20,7 +20,8 @@ import torch
 
 from kubetune.evaluate.scores import score
 from kubetune.spec import FineTuneJob
-from kubetune.storage import download_tree, is_s3, join, store_for
+from kubetune.storage import Mirror, StorageError, join, store_for
+from kubetune.train.progress import LocalSink, reporter_for
 
 SHOWN_SAMPLES = 5
 
@@ -55,8 +56,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
 
 def validation(model, prepared: Path, pad_id: int) -> dict:
     """Validation loss, perplexity and assistant-token accuracy on the validation shards (as in training)."""
-    from kubetune.train import attention
-    from kubetune.train.data import load_rows, validation_metrics, validation_totals
+    from kubetune.packed import attention
+    from kubetune.packed.rows import load_rows, validation_metrics, validation_totals
 
     rows = load_rows(prepared, "validation")
     previous = model.config._attn_implementation
@@ -68,12 +69,10 @@ def validation(model, prepared: Path, pad_id: int) -> dict:
 
 def _local_root(job: FineTuneJob, scratch: Path) -> Path:
     """A local folder with the job's model/ and prepared/ (downloaded for s3:// outputs)."""
-    out = job.spec.output.uri
-    if not is_s3(out):
-        return Path(out)
+    out = Mirror(job.spec.output.uri, scratch, job.spec.storage)
     for part in ("model", "prepared"):
-        download_tree(join(out, part), scratch / part, job.spec.storage)
-    return scratch
+        out.fetch(part)
+    return out.path
 
 
 def evaluate_job(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
@@ -116,6 +115,33 @@ def evaluate_job(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
     store.write_bytes(join(out, "eval_report.md"), markdown(job.metadata.name, report).encode())
     log(f"[evaluate] wrote {join(out, 'eval_report.md')}")
     return report
+
+
+def evaluate_after_training(job: FineTuneJob, log: Callable[[str], None] = print) -> None:
+    """The job's last step, run where the trainer was started, once its processes have ended.
+
+    The trainer's last progress record ("exporting", in ``progress.json``) goes on as "evaluating",
+    then "done" with the evaluation's summary among its metrics. A job without evaluation samples
+    has nothing to do here: the trainer reported "done" itself.
+    """
+    spec = job.spec
+    if not spec.evaluation.samples:
+        return
+    reporter, record = reporter_for(spec.output.uri, spec.storage), _last_record(job)
+    if record:
+        reporter.update({**record, "phase": "evaluating", "etaSeconds": None}, force=True)
+    evaluation = summary(evaluate_job(job, log))
+    if record:
+        metrics = {**record.get("metrics", {}), "evaluation": evaluation}
+        reporter.update({**record, "phase": "done", "etaSeconds": 0, "metrics": metrics}, force=True)
+
+
+def _last_record(job: FineTuneJob) -> dict | None:
+    sink = LocalSink(job.spec.output.uri, job.spec.storage)
+    try:
+        return json.loads(sink.store.read_bytes(sink.uri))
+    except (StorageError, ValueError):  # progress is never worth failing a job over
+        return None
 
 
 def summary(report: dict) -> dict:

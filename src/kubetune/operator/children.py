@@ -168,12 +168,12 @@ def processes_per_node(job: FineTuneJob) -> int:
 
 
 def training_command(job: FineTuneJob, attempt: int, settings: Settings) -> list[str]:
-    """torchrun on every pod; node rank from the completion index, rendezvous on pod 0."""
+    """`kubetune train-job`: torchrun on every pod, node rank from the completion index, rendezvous on
+    pod 0; then pod 0 evaluates, once the gang has let go of the accelerators."""
     n = job.spec.resources.nodes
     master = f"{training_job_name(job.metadata.name, attempt)}-0.{names(job.metadata.name)['service']}"
-    return ["torchrun", f"--nnodes={n}", f"--nproc-per-node={processes_per_node(job)}",
-            "--node-rank=$(NODE_RANK)", f"--master-addr={master}", f"--master-port={settings.master_port}",
-            "-m", "kubetune.train", JOB_FILE]
+    return ["kubetune", "train-job", JOB_FILE, f"--nnodes={n}", f"--nproc-per-node={processes_per_node(job)}",
+            "--node-rank=$(NODE_RANK)", f"--master-addr={master}", f"--master-port={settings.master_port}"]
 
 
 def training_job(job: FineTuneJob, attempt: int, settings: Settings) -> dict:

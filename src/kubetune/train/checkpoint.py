@@ -1,7 +1,7 @@
 """Checkpoints in the output location (local or s3://) that count only once complete.
 
 Layout: ``OUTPUT/checkpoints/step-00000040/`` holds DeepSpeed's files (model, optimizer and
-scheduler state of every rank, plus our client state: step and data position) and, written last
+scheduler state of every rank, plus our client state: the step) and, written last
 by rank 0 after every rank's files are in place, the marker ``COMPLETE``. A folder without the
 marker (a run killed while saving, an upload cut short) is ignored on resume and removed later.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from kubetune.spec import Storage
-from kubetune.storage import NotFound, download_tree, is_s3, join, store_for, upload_tree
-from kubetune.train.data import is_node_leader
+from kubetune.storage import Mirror, NotFound, join, store_for
+from kubetune.train.distributed import is_node_leader
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"/checkpoints/(step-(\d+))/")
@@ -53,37 +53,37 @@ def latest_complete(output: str, storage: Storage) -> int | None:
     return complete[-1] if complete else None
 
 
-def local_dir(output: str, scratch: Path) -> Path:
-    """Where DeepSpeed reads and writes checkpoints: the output itself when local, else scratch."""
-    return scratch / "checkpoints" if is_s3(output) else Path(checkpoints_uri(output))
+def local_mirror(output: str, storage: Storage, scratch: Path) -> Mirror:
+    """Where DeepSpeed reads and writes checkpoints: the output's own folder when local, else scratch."""
+    return Mirror(checkpoints_uri(output), scratch / "checkpoints", storage)
 
 
 def save(engine, output: str, storage: Storage, scratch: Path, step: int, client_state: dict, keep: int) -> str:
     """Save on every rank; returns the checkpoint URI once it is complete."""
-    folder = local_dir(output, scratch)
-    engine.save_checkpoint(str(folder), tag=tag(step), client_state=client_state, save_latest=False)
+    folder = local_mirror(output, storage, scratch)
+    engine.save_checkpoint(str(folder.path), tag=tag(step), client_state=client_state, save_latest=False)
     dist.barrier()
     uri = join(checkpoints_uri(output), tag(step))
-    if is_s3(output) and is_node_leader():
-        upload_tree(folder / tag(step), uri, storage)  # each node uploads what its ranks wrote
+    if is_node_leader():
+        folder.publish(tag(step))  # each node uploads what its ranks wrote
     dist.barrier()
     if dist.get_rank() == 0:
         marker = {"step": step, "time": time.time()}
         store_for(output, storage).write_bytes(join(uri, MARKER), json.dumps(marker).encode())
         _prune(output, storage, keep)
     dist.barrier()
-    if is_s3(output) and is_node_leader():
-        shutil.rmtree(folder / tag(step), ignore_errors=True)
+    if folder.remote and is_node_leader():
+        shutil.rmtree(folder.path / tag(step), ignore_errors=True)  # uploaded; scratch is not a second store
     return uri
 
 
 def load(engine, output: str, storage: Storage, scratch: Path, step: int) -> dict:
     """Load a complete checkpoint on every rank; returns the client state."""
-    folder = local_dir(output, scratch)
-    if is_s3(output) and is_node_leader():
-        download_tree(join(checkpoints_uri(output), tag(step)), folder / tag(step), storage)
+    folder = local_mirror(output, storage, scratch)
+    if is_node_leader():
+        folder.fetch(tag(step))
     dist.barrier()
-    _, client_state = engine.load_checkpoint(str(folder), tag=tag(step))
+    _, client_state = engine.load_checkpoint(str(folder.path), tag=tag(step))
     return client_state or {}
 
 

@@ -12,20 +12,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kubetune.models import build_model
 from kubetune.spec import FineTuneJob
-from kubetune.storage import is_s3, upload_tree
+from kubetune.storage import Mirror
 
 
 def export_model(engine, job: FineTuneJob, tokenizer, source: str | None, dtype: torch.dtype, scratch: Path) -> None:
-    from kubetune.train.recipe import build_model
-
     if job.spec.training.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
     else:
         state = engine.module.state_dict() if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
-        out = job.spec.output.uri
-        folder = scratch / "export" if is_s3(out) else Path(out)
+        out = Mirror(job.spec.output.uri, scratch / "export", job.spec.storage)
+        folder = out.path
         fresh = build_model(job, tokenizer, source, dtype)
         missing, unexpected = fresh.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
         tied = {k for k in missing if "lm_head" in k or "embed_tokens" in k}
@@ -39,6 +38,5 @@ def export_model(engine, job: FineTuneJob, tokenizer, source: str | None, dtype:
         fresh.config.use_cache = True
         fresh.save_pretrained(folder / "model", safe_serialization=True)
         tokenizer.save_pretrained(folder / "model")
-        if is_s3(out):
-            upload_tree(folder, out, job.spec.storage)
+        out.publish()
     dist.barrier()

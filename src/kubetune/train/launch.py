@@ -1,8 +1,12 @@
-"""The torchrun command line that starts the trainer: used by ``kubetune run`` and the operator's pods."""
+"""The torchrun command lines that start the trainer: on this machine for ``kubetune run`` and
+``kubetune train``; with the launcher options the operator gives a training pod for ``kubetune train-job``."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
+import subprocess
 import sys
 
 
@@ -18,15 +22,41 @@ def default_nproc() -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
-def torchrun_command(job_file: str, nproc: int, nnodes: int = 1, node_rank: int = 0,
-                     master_addr: str = "127.0.0.1", master_port: int = 29500) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if nnodes == 1:
-        cmd.append("--standalone")  # picks a free port; nothing to rendezvous with
-    else:
-        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
-                f"--master-port={master_port}"]
-    return cmd + ["-m", "kubetune.train", job_file]
+def torchrun_command(job_file: str, nproc: int) -> list[str]:
+    """This machine alone: ``nproc`` processes; ``--standalone`` picks a free port, nothing to meet."""
+    return launcher_command(job_file, [f"--nproc-per-node={nproc}", "--standalone"])
+
+
+def launcher_command(job_file: str, options: list[str]) -> list[str]:
+    """torchrun with these launcher options (processes, nodes, node rank, rendezvous) running the trainer."""
+    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "kubetune.train", job_file]
+
+
+def node_rank(options: list[str]) -> int:
+    """The node rank among torchrun launcher options (0 when not given, as for torchrun)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--node-rank", "--node_rank", type=int, default=0)
+    return parser.parse_known_args(options)[0].node_rank
+
+
+def run_passing_signals(command: list[str]) -> int:
+    """Run ``command``, passing SIGTERM and SIGINT on to it; a signal after it has ended ends us.
+
+    A pod's first process gets no default signal handling, so without this the kubelet's SIGTERM
+    would be ignored until the grace period ran out; torchrun stops its ranks on it.
+    """
+    proc = subprocess.Popen(command)
+
+    def on_signal(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        else:
+            sys.exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    code = proc.wait()
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
 def cpu_threads_env(nproc: int) -> dict[str, str]:

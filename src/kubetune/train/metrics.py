@@ -1,8 +1,8 @@
 """Training metrics as people like to read them: metrics.csv, TensorBoard events and a loss-curve PNG.
 
-Everything is written under a local folder (the output itself, or scratch for s3:// outputs, then
-copied with ``publish``). On resume, rows after the resumed step are dropped so the files read like
-one uninterrupted run.
+Everything is written under a local folder: the output itself, or for s3:// outputs a scratch
+folder that the trainer uploads with each checkpoint (``kubetune.storage.Mirror``). On resume, rows
+after the resumed step are dropped so the files read like one uninterrupted run.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Prepared shards in, model-ready tensors out.
 
 Packed rows carry ``doc_lens``. Collation gives per-document position ids and passes the layout
-on as ``doc_lens``, which ``kubetune.train.attention`` uses to attend within each document only.
+on as ``doc_lens``, which ``kubetune.packed.attention`` uses to attend within each document only.
 (Position ids alone do not isolate documents under sdpa or eager attention.) Isolation is checked
 against the documents run alone in tests/test_train_data.py.
 """
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-IGNORE = -100
+from kubetune.packed import IGNORE
 
 
 class Rows:
@@ -78,7 +77,6 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss, correct, int(keep.sum())
 
 
-
 @torch.no_grad()
 def validation_totals(model, rows: Rows, idx: list[int], micro: int, pad_id: int, device) -> torch.Tensor:
     """(summed loss, correct, count) over the given validation rows, as float64 on ``device``."""
@@ -98,7 +96,3 @@ def validation_metrics(totals: torch.Tensor) -> dict:
     return {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50)),
             "valid_mean_token_accuracy": correct / max(count, 1)}
 
-
-def is_node_leader() -> bool:
-    """The first process on this machine: it does the per-node downloads and uploads."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
