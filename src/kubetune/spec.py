@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune.errors import KubetuneError
+
 API_GROUP = "kubetune.dev"
 API_VERSION = "v1alpha1"
 PLURAL = "finetunejobs"
@@ -325,7 +327,7 @@ class FineTuneJob(BaseModel):
     spec: FineTuneJobSpec
 
 
-class SpecError(Exception):
+class SpecError(KubetuneError):
     """A job file is unreadable or invalid; ``problems`` lists each one as 'field.path: message'."""
 
     def __init__(self, source: str, problems: list[str]):

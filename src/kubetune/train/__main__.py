@@ -3,8 +3,7 @@
 import os
 import sys
 
-from kubetune.storage import StorageError
-from kubetune.train.extensions import BuildLockTimeout
+from kubetune.errors import KubetuneError
 from kubetune.train.recipe import train
 
 if __name__ == "__main__":
@@ -12,7 +11,7 @@ if __name__ == "__main__":
         sys.exit("usage: torchrun ... -m kubetune.train JOB_FILE")
     try:
         train(sys.argv[1])
-    except (BuildLockTimeout, StorageError) as e:  # a clear line naming the cause, not a traceback
+    except KubetuneError as e:  # a clear line naming the cause (storage, op build lock, model), not a traceback
         message = f"error: {e}"
         # torchrun prints the other ranks' failures after this line; the file keeps the cause for
         # whoever reports it (`kubetune run`, or the kubelet's termination message in a pod).

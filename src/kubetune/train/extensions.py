@@ -18,12 +18,14 @@ import shutil
 import time
 from pathlib import Path
 
+from kubetune.errors import KubetuneError
+
 SHM_OP = "ShareMemCommBuilder"  # the op deepspeed.comm.torch.build_shm_op loads
 NOTICE_AFTER_S = 10.0
 
 
-class BuildLockTimeout(RuntimeError):
-    pass
+class BuildLockTimeout(KubetuneError):
+    """A live build of DeepSpeed's op held its lock past the wait limit."""
 
 
 def extensions_dir() -> Path:
