@@ -30,7 +30,8 @@ def test_gang_is_an_indexed_job_with_rendezvous_on_pod_zero():
     c = pod["containers"][0]
     assert c["command"] == ["kubetune"] and c["args"][:2] == ["train-job", "/etc/kubetune/job.yaml"]
     assert c["args"][2:] == ["--nnodes=3", "--nproc-per-node=8", "--node-rank=$(NODE_RANK)",
-                             "--master-addr=bot-train-2-0.bot-train", "--master-port=29500"]
+                             "--master-addr=bot-train-2-0.bot-train", "--master-port=29500", "--shutdown-timeout=295"]
+    assert pod["terminationGracePeriodSeconds"] == 300  # time to finish the step and checkpoint after SIGTERM
     assert c["resources"]["limits"] == {"nvidia.com/gpu": 8}
     assert c["image"] == "registry.example/kubetune-trainer:1"
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]  # referenced, never read

@@ -22,11 +22,11 @@ from kubetune.train.launch import cpu_threads_env, torchrun_command
 pytestmark = pytest.mark.slow
 
 
-def make_job(tmp_path: Path, output: str, name: str, **spec) -> Path:
+def make_job(tmp_path: Path, output: str, name: str, training: dict | None = None, **spec) -> Path:
     doc = job_doc(str(EXAMPLES / "data" / "support-faq.jsonl"), output,
                   preprocessing={"maxSeqLength": 128},
                   training={"method": "full", "learningRate": 3e-3, "globalBatchSize": 4, "microBatchSize": 2,
-                            "maxSteps": 6, "evalEvery": 2, "checkpointEvery": 2, "keepCheckpoints": 2},
+                            "maxSteps": 6, "evalEvery": 2, "checkpointEvery": 2, "keepCheckpoints": 2, **(training or {})},
                   evaluation={"samples": 0}, **spec)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(doc))

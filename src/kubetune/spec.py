@@ -217,6 +217,9 @@ class Resources(_Model):
         None, max_length=64, description="Node selector for the pods.")
     tolerations: list[Toleration] | None = Field(None, max_length=64, description="Tolerations for the pods.")
     priority_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253, description="PriorityClass of the pods.")
+    termination_grace_period_seconds: int = Field(
+        300, ge=10, le=86400, description="Seconds a pod has after SIGTERM (drain, eviction, suspend) to finish its "
+        "step and write a checkpoint before it is killed.")
 
     @model_validator(mode="after")
     def _selector_keys(self) -> Resources:

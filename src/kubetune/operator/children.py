@@ -115,6 +115,7 @@ def _env_from(job: FineTuneJob) -> list[dict]:
 def _pod_spec(job: FineTuneJob, container: dict, extra_volumes: list[dict] = ()) -> dict:
     return {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": job.spec.resources.termination_grace_period_seconds,
         "serviceAccountName": names(job.metadata.name)["account"],
         "securityContext": _POD_SECURITY,
         "containers": [{
@@ -172,8 +173,12 @@ def training_command(job: FineTuneJob, attempt: int, settings: Settings) -> list
     pod 0; then pod 0 evaluates, once the gang has let go of the accelerators."""
     n = job.spec.resources.nodes
     master = f"{training_job_name(job.metadata.name, attempt)}-0.{names(job.metadata.name)['service']}"
+    # On SIGTERM the ranks finish their step and checkpoint; torchrun waits for them for almost the
+    # whole grace period (its default is 30 s), keeping a few seconds to exit before the kubelet kills.
+    grace = job.spec.resources.termination_grace_period_seconds
     return ["kubetune", "train-job", JOB_FILE, f"--nnodes={n}", f"--nproc-per-node={processes_per_node(job)}",
-            "--node-rank=$(NODE_RANK)", f"--master-addr={master}", f"--master-port={settings.master_port}"]
+            "--node-rank=$(NODE_RANK)", f"--master-addr={master}", f"--master-port={settings.master_port}",
+            f"--shutdown-timeout={grace - 5}"]
 
 
 def training_job(job: FineTuneJob, attempt: int, settings: Settings) -> dict:

@@ -56,14 +56,20 @@ class Bookkeeper:
         if self.metrics_log:
             self.metrics_log.log(row)
         if done % t.checkpoint_every == 0 or done == self.plan.total_steps:
-            if self.metrics_log:
-                self.metrics_log.flush()
-                self.metrics_dir.publish()  # metrics travel with their checkpoint
-            self.latest_ckpt = checkpoint.save(engine, self.out, self.storage, self.scratch, done, {"step": done},
-                                               t.keep_checkpoints)
-            self.report(done, "training", tokens_per_s, eta, force=True)
+            self.checkpoint(engine, done, tokens_per_s, eta)
         else:
             self.report(done, "training", tokens_per_s, eta, force="valid_loss" in row)
+
+    def checkpoint(self, engine, done: int, tokens_per_s: float, eta: float) -> None:
+        """A complete checkpoint of step ``done``, with the metrics up to it (every rank calls this)."""
+        if self.latest_ckpt and self.latest_ckpt.rstrip("/").endswith(checkpoint.tag(done)):
+            return  # written already (a SIGTERM right after a scheduled checkpoint)
+        if self.metrics_log:
+            self.metrics_log.flush()
+            self.metrics_dir.publish()  # metrics travel with their checkpoint
+        self.latest_ckpt = checkpoint.save(engine, self.out, self.storage, self.scratch, done, {"step": done},
+                                           self.job.spec.training.keep_checkpoints)
+        self.report(done, "training", tokens_per_s, eta, force=True)
 
     def report(self, step: int, phase: str, tokens_per_s: float, eta: float | None, force: bool = False) -> None:
         if self.reporter is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -23,3 +24,25 @@ def rank0_decides(decide: Callable[[], T], device) -> T:
     answer = [decide() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(answer, src=0, device=device)
     return answer[0]
+
+
+class Preemption:
+    """SIGTERM (a node drain, an eviction, a spot reclaim, ``suspend: true``) noted, not obeyed at
+    once: the step in progress finishes, the ranks agree, a checkpoint is written, then the trainer
+    exits, so the next attempt redoes no step. torchrun passes the signal on to every rank."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        """True on every rank once any rank got the signal (a collective: call it on all ranks)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

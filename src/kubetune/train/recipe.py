@@ -24,9 +24,18 @@ from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import Mirror
 from kubetune.train import extensions
 from kubetune.train.bookkeeping import Bookkeeper
-from kubetune.train.distributed import is_node_leader
+from kubetune.errors import KubetuneError
+from kubetune.train.distributed import Preemption, is_node_leader
 from kubetune.train.export import export_model
 from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_batches, step_rows
+
+
+class TrainingDiverged(KubetuneError):
+    """The loss is NaN or infinite: the weights are spoiled, so stop before they are saved."""
+
+
+class Preempted(KubetuneError):
+    """Stopped on SIGTERM after checkpointing the last finished step."""
 
 
 def deepspeed_config(job: FineTuneJob, plan: BatchPlan, bf16: bool) -> dict:
@@ -165,12 +174,16 @@ def train(job_file: str) -> None:
     book.log(run.describe())
 
     engine.train()
-    timer, tokens_per_s = time.monotonic(), 0.0
+    timer, tokens_per_s, preemption = time.monotonic(), 0.0, Preemption()
     for step in range(start, plan.total_steps):
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout depends on the step, not on history
         rows = step_rows(plan, t.seed, step)
         metrics = train_step(run, rows)
         done = step + 1
+        if not math.isfinite(metrics["train_loss"]):  # every rank sees the same reduced loss: all stop here
+            raise TrainingDiverged(
+                f"the training loss became {metrics['train_loss']} at step {done}; nothing of that step was saved "
+                f"(the last complete checkpoint is {book.latest_ckpt or 'none'}); try a lower training.learningRate")
         elapsed, timer = time.monotonic() - timer, time.monotonic()
         tokens_per_s = run.train_rows.tokens(rows) / elapsed
         row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 3), **metrics,
@@ -181,6 +194,10 @@ def train(job_file: str) -> None:
                                     run.tokenizer.pad_token_id))
             row.update(metrics)
         book.after_step(engine, row, metrics, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
+        if done < plan.total_steps and preemption.agreed(engine.device):
+            book.checkpoint(engine, done, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
+            raise Preempted(f"stopped by SIGTERM after step {done}, with a complete checkpoint of it; "
+                            "the next attempt resumes there")
 
     book.report(plan.total_steps, "exporting", tokens_per_s, 0, force=True)
     export_model(engine, job, run.tokenizer, run.source, run.dtype, run.scratch)
