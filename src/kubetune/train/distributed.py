@@ -28,8 +28,9 @@ def rank0_decides(decide: Callable[[], T], device) -> T:
 
 class Preemption:
     """SIGTERM (a node drain, an eviction, a spot reclaim, ``suspend: true``) noted, not obeyed at
-    once: the step in progress finishes, the ranks agree, a checkpoint is written, then the trainer
-    exits, so the next attempt redoes no step. torchrun passes the signal on to every rank."""
+    once: the step in progress finishes, the ranks agree (``requested`` is reduced with the step's
+    loss), a checkpoint is written, then the trainer exits, so the next attempt redoes no step.
+    torchrun passes the signal on to every rank."""
 
     def __init__(self):
         self.requested = False
@@ -37,12 +38,3 @@ class Preemption:
 
     def _note(self, signum, frame) -> None:
         self.requested = True
-
-    def agreed(self, device) -> bool:
-        """True on every rank once any rank got the signal (a collective: call it on all ranks)."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

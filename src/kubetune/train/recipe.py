@@ -143,11 +143,12 @@ def setup(job: FineTuneJob) -> Run:
                rank, world)
 
 
-def train_step(run: Run, rows: np.ndarray) -> dict:
-    """One optimizer step on the global batch ``rows``: loss and accuracy over all its trained tokens."""
+def train_step(run: Run, rows: np.ndarray, preemption: Preemption) -> tuple[dict, bool]:
+    """One optimizer step on the global batch ``rows``: loss and accuracy over all its trained tokens,
+    and whether any rank got SIGTERM by the step's end (reduced with them: no collective of its own)."""
     engine, plan = run.engine, run.plan
     label_tokens = run.train_rows.label_tokens(rows)
-    stats = torch.zeros(3, dtype=torch.float64)
+    stats = torch.zeros(4, dtype=torch.float64)
     for micro_rows in rank_micro_batches(rows, plan, run.rank):
         batch = to_device(collate(run.train_rows, micro_rows, run.tokenizer.pad_token_id), engine.device)
         labels = batch.pop("labels")
@@ -156,11 +157,12 @@ def train_step(run: Run, rows: np.ndarray) -> dict:
         # step's loss is the mean over every trained token of the global batch.
         engine.backward(loss_sum / label_tokens * plan.accum * run.world)
         engine.step()
-        stats += torch.tensor([loss_sum.item(), correct, count], dtype=torch.float64)
+        stats += torch.tensor([loss_sum.item(), correct, count, 0], dtype=torch.float64)
+    stats[3] = float(preemption.requested)
     stats = stats.to(engine.device)
     dist.all_reduce(stats)
-    return {"train_loss": stats[0].item() / max(stats[2].item(), 1),
-            "train_accuracy": stats[1].item() / max(stats[2].item(), 1)}
+    return ({"train_loss": stats[0].item() / max(stats[2].item(), 1),
+             "train_accuracy": stats[1].item() / max(stats[2].item(), 1)}, stats[3].item() > 0)
 
 
 def train(job_file: str) -> None:
@@ -178,7 +180,7 @@ def train(job_file: str) -> None:
     for step in range(start, plan.total_steps):
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout depends on the step, not on history
         rows = step_rows(plan, t.seed, step)
-        metrics = train_step(run, rows)
+        metrics, stop = train_step(run, rows, preemption)
         done = step + 1
         if not math.isfinite(metrics["train_loss"]):  # every rank sees the same reduced loss: all stop here
             raise TrainingDiverged(
@@ -194,7 +196,7 @@ def train(job_file: str) -> None:
                                     run.tokenizer.pad_token_id))
             row.update(metrics)
         book.after_step(engine, row, metrics, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
-        if done < plan.total_steps and preemption.agreed(engine.device):
+        if stop and done < plan.total_steps:
             book.checkpoint(engine, done, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
             raise Preempted(f"stopped by SIGTERM after step {done}, with a complete checkpoint of it; "
                             "the next attempt resumes there")
