@@ -129,6 +129,8 @@ def _retry_later(what: str, error: Exception, logger, delay: float, func, *args)
     if key in _seen_errors:
         logger.warning(f"{what} failed again ({key}); retrying in {delay:.0f} s")
     else:
+        if len(_seen_errors) >= 1000:  # messages may name objects: keep the set from growing for good
+            _seen_errors.clear()
         _seen_errors.add(key)
         logger.exception(f"{what} failed; retrying in {delay:.0f} s", exc_info=error)
     retry = threading.Timer(delay, func, (*args, min(delay * 2, 300.0)))

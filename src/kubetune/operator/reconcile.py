@@ -120,7 +120,7 @@ class Step:
 
     def ensure(self, obj: dict) -> None:
         self.adopt(obj)  # owner reference: deleting the FineTuneJob deletes the child
-        self.api.create(obj)
+        self.api.apply(obj)  # create; an existing Deployment is updated (spec.serve may change after success)
 
     def start(self, workload: dict) -> None:
         """Create a Job, after what its pods need: identity, permission to report, the job file."""
@@ -197,8 +197,7 @@ class Step:
                            {**done, "endpoint": None})
         try:
             for obj in (children.serving_deployment(job, model_uri, self.settings), children.serving_service(job)):
-                self.adopt(obj)
-                self.api.apply(obj)  # not create: an edit of spec.serve changes the Deployment
+                self.ensure(obj)
         except Rejected as e:  # the model is there all the same: the job stays Succeeded
             return Outcome(Phase.SUCCEEDED, "ServingFailed", f"the model is ready, but the API server rejected {e}", done)
         url = children.serving_endpoint(job)
