@@ -7,13 +7,12 @@ for real models is the ordinary ``from_pretrained`` path.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from kubetune.errors import KubetuneError
 from kubetune.spec import FineTuneJob, FromConfig
-from kubetune.storage import download_tree, is_s3
+from kubetune.storage import Mirror, is_s3
 
 # ChatML, the template Qwen and many others use; <|im_end|> ends a turn and is the EOS token.
 CHATML_TEMPLATE = (
@@ -80,9 +79,7 @@ def resolve_source(job: FineTuneJob, cache_dir: Path | None = None) -> str:
     if source.startswith("hf://"):
         return source.removeprefix("hf://")
     if is_s3(source):
-        target = Path(cache_dir or tempfile.mkdtemp(prefix="kubetune-model-"))
-        download_tree(source, target, job.spec.storage)
-        return str(target)
+        return str(Mirror(source, cache_dir, job.spec.storage).fetch())
     if not Path(source).is_dir():
         raise ModelError(f"model.source: {source} is not a folder (expected hf://, s3:// or a local model folder)")
     return source
@@ -123,7 +120,6 @@ def load_model(job: FineTuneJob, tokenizer, source: str | None = None, dtype=Non
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
     except OSError as e:
         raise ModelError(f"model.source: cannot load a model from {source}: {str(e).splitlines()[0]}") from None
-
 
 
 def build_model(job: FineTuneJob, tokenizer, source: str | None, dtype):

@@ -20,7 +20,7 @@ import torch
 
 from kubetune.evaluate.scores import score
 from kubetune.spec import FineTuneJob
-from kubetune.storage import Mirror, StorageError, join, store_for
+from kubetune.storage import Mirror, join, store_for
 from kubetune.train.progress import LocalSink, reporter_for
 
 SHOWN_SAMPLES = 5
@@ -127,21 +127,13 @@ def evaluate_after_training(job: FineTuneJob, log: Callable[[str], None] = print
     spec = job.spec
     if not spec.evaluation.samples:
         return
-    reporter, record = reporter_for(spec.output.uri, spec.storage), _last_record(job)
+    reporter, record = reporter_for(spec.output.uri, spec.storage), LocalSink(spec.output.uri, spec.storage).last()
     if record:
         reporter.update({**record, "phase": "evaluating", "etaSeconds": None}, force=True)
     evaluation = summary(evaluate_job(job, log))
     if record:
         metrics = {**record.get("metrics", {}), "evaluation": evaluation}
         reporter.update({**record, "phase": "done", "etaSeconds": 0, "metrics": metrics}, force=True)
-
-
-def _last_record(job: FineTuneJob) -> dict | None:
-    sink = LocalSink(job.spec.output.uri, job.spec.storage)
-    try:
-        return json.loads(sink.store.read_bytes(sink.uri))
-    except (StorageError, ValueError):  # progress is never worth failing a job over
-        return None
 
 
 def summary(report: dict) -> dict:

@@ -15,7 +15,7 @@ import time
 
 from kubetune.spec import Storage
 from kubetune.status import Progress, StatusSink
-from kubetune.storage import join, store_for
+from kubetune.storage import StorageError, join, store_for
 
 
 class LocalSink:
@@ -40,6 +40,13 @@ class LocalSink:
         print(f"[{p.phase}] " + "  ".join(parts), file=sys.stderr, flush=True)
         self.store.write_bytes(self.uri, json.dumps(p.patch(), indent=2).encode())
 
+    def last(self) -> dict | None:
+        """The record written last (``progress.json``), or None when there is none to read."""
+        try:
+            return json.loads(self.store.read_bytes(self.uri))
+        except (StorageError, ValueError):  # progress is never worth failing a job over
+            return None
+
 
 class Reporter:
     def __init__(self, sinks: list, interval: float = 5.0):
@@ -47,13 +54,12 @@ class Reporter:
         self.last = 0.0
         self.failed: set[str] = set()
 
-    def update(self, record: dict | Progress, force: bool = False) -> None:
+    def update(self, record: dict, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last < self.interval:
             return
         self.last = now
-        fields = record.patch() if isinstance(record, Progress) else record
-        progress = Progress(**{**fields, "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        progress = Progress(**{**record, "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         for sink in self.sinks:
             try:
                 sink.send(progress)
