@@ -77,6 +77,12 @@ def crd() -> dict:
         {"name": "Train Loss", "type": "number", "jsonPath": ".status.progress.metrics.train_loss"},
         {"name": "Valid Loss", "type": "number", "jsonPath": ".status.progress.metrics.valid_loss"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        # -o wide only (priority 1): cost and speed
+        {"name": "Tokens/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond", "priority": 1},
+        {"name": "GPU-Hours", "type": "number", "jsonPath": ".status.progress.gpuHours", "priority": 1},
+        {"name": "MFU", "type": "number", "jsonPath": ".status.progress.mfu", "priority": 1},
+        {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1},
+        {"name": "Eval", "type": "boolean", "jsonPath": ".status.evaluation.passed", "priority": 1},
     ]
     schema = {
         "type": "object",

@@ -37,6 +37,10 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 IMAGE = r"^\S+$"  # container images: no whitespace
 TOLERATION_KEY = f"^({LABEL_KEY[1:-1]})?$"  # empty: every taint (with operator: Exists)
+DURATION = r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"  # Go's time.Duration form, as kubectl and Kueue write them: 30m, 1h30m, 90s
+CHECKPOINT_REF = r"^(last|best|step-[0-9]+)$"
+VALIDATION_METRICS = ("valid_loss", "valid_perplexity", "valid_mean_token_accuracy")
+ValidationMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy"]
 Uri = Annotated[str, Field(min_length=1, max_length=4096)]
 Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
 
@@ -134,6 +138,13 @@ class Lora(_Model):
     target_modules: str | list[str] = Field("all-linear", description="Modules to adapt.")
 
 
+class EarlyStopping(_Model):
+    """Stop training when the validation metric (training.bestMetric) has not improved for a while."""
+
+    patience: int = Field(ge=1, description="Validations in a row without improvement after which training stops.")
+    min_delta: float = Field(0.0, ge=0, description="The least change that counts as an improvement.")
+
+
 class Training(_Model):
     """Fine-tuning hyperparameters."""
 
@@ -157,6 +168,12 @@ class Training(_Model):
     keep_checkpoints: int = Field(3, ge=1, description="Keep only the newest this many complete checkpoints.")
     eval_every: int = Field(50, ge=1, description="Compute validation metrics every this many steps (and at the end).")
     seed: int = Field(42, description="Seed for data order, splitting and initialization.")
+    stall_timeout: str = Field(
+        "30m", pattern=DURATION, max_length=32, description="An attempt whose trainer has not finished a step for "
+        "this long (e.g. 30m, 1h, 90s) is stopped and counted as failed; the next attempt resumes from the latest checkpoint.")
+    best_metric: ValidationMetric = Field(
+        "valid_loss", description="The validation metric that marks the best checkpoint (and early stopping watches).")
+    early_stopping: EarlyStopping | None = Field(None, description="Stop when the validation metric stops improving.")
     lora: Lora | None = Field(None, description="LoRA settings; defaults apply when method is lora.")
 
     @model_validator(mode="after")
@@ -168,6 +185,10 @@ class Training(_Model):
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATE[self.method]
         return self
+
+    @property
+    def stall_timeout_seconds(self) -> float:
+        return duration_seconds(self.stall_timeout)
 
 
 class Toleration(_Model):
@@ -229,11 +250,36 @@ class Resources(_Model):
         return self
 
 
+GateMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "rouge_l", "bleu",
+                     "semantic_similarity", "repetition_rate", "distinct_1", "distinct_2", "empty_rate", "truncated_rate"]
+
+
+class Gate(_Model):
+    """A bar the fine-tuned model must clear to be served. Exactly one of mustBeat, min or max."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "[has(self.mustBeat), has(self.min), has(self.max)].filter(x, x).size() == 1",
+        "message": "set exactly one of mustBeat, min, max"}]})
+
+    metric: GateMetric = Field(description="An evaluation metric (see eval_report.json).")
+    must_beat: Literal["base"] | None = Field(None, description="base: the fine-tuned model must do better than the base model.")
+    min: float | None = Field(None, description="The fine-tuned model's value must be at least this.")
+    max: float | None = Field(None, description="The fine-tuned model's value must be at most this.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Gate:
+        if [self.must_beat is not None, self.min is not None, self.max is not None].count(True) != 1:
+            raise ValueError("set exactly one of mustBeat, min, max")
+        return self
+
+
 class Evaluation(_Model):
     """Generation evaluation on held-out conversations at the end."""
 
     samples: int = Field(50, ge=0, description="Held-out conversations to generate replies for.")
     max_new_tokens: int = Field(128, ge=1, description="Longest generated reply.")
+    gate: Gate | None = Field(None, description="Serve the model only if it passes this, e.g. {metric: valid_loss, "
+                              "mustBeat: base} or {metric: rouge_l, min: 0.3}.")
 
 
 class Output(_Model):
@@ -267,6 +313,8 @@ class Serve(_Model):
         None, max_length=64, description="Container args for a custom image; {model} is replaced by a local copy of the model, "
         "{name} by the job name, {port} by 8000. E.g. [--model, '{model}', --served-model-name, '{name}', --port, '{port}']."
     )
+    checkpoint: str = Field("last", pattern=CHECKPOINT_REF, max_length=32,
+                            description="What is served: last (the final model), best (by training.bestMetric) or step-N.")
 
 
 # What may change once a job exists. Everything else is fixed at creation: the pods' job file (a
@@ -328,6 +376,12 @@ class FineTuneJob(BaseModel):
     kind: Literal["FineTuneJob"]
     metadata: Metadata
     spec: FineTuneJobSpec
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a duration such as 30m, 1h30m or 90s (the pattern DURATION has been checked)."""
+    unit = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * unit[u] for n, u in re.findall(r"([0-9]+(?:\.[0-9]+)?)([hms])", text))
 
 
 class SpecError(KubetuneError):

@@ -63,19 +63,55 @@ class DataReport(_Model):
 
 
 class Progress(_Model):
-    """The trainer's progress, written by rank 0 every few seconds and at each checkpoint."""
+    """The trainer's progress, written by rank 0 when it starts, every few seconds and at each checkpoint."""
 
-    phase: Literal["training", "exporting", "evaluating", "done"]
+    phase: Literal["starting", "training", "exporting", "evaluating", "done"]
+    attempt: int | None = Field(None, description="The training attempt (0 first) that wrote this record.")
     step: int
     total_steps: int
     epoch: float
     percent: float
     eta_seconds: int | None = Field(None, description="Estimated seconds left.")
     tokens_per_second: float
+    gpu_hours: float | None = Field(None, description="GPU-hours used by this job so far (GPUs x hours, all attempts).")
+    mfu: float | None = Field(None, description="Model FLOPs utilization on GPUs: achieved / peak FLOP/s (0-1).")
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="Latest train_loss, train_accuracy, valid_loss, ...; evaluation at the end.")
     checkpoint: str | None = Field(None, description="The latest complete checkpoint.")
     updated_at: str | None = None
+
+
+class CheckpointInfo(_Model):
+    """A complete checkpoint: its step, the validation metrics at that step and a servable model."""
+
+    name: str = Field(description="step-N: what serve.checkpoint and kubetune export --checkpoint take.")
+    step: int
+    metrics: dict[str, float] = Field(default_factory=dict, description="valid_loss, valid_perplexity, ... at this step.")
+    model: str | None = Field(None, description="A Hugging Face model folder made from this checkpoint.")
+    best: bool | None = Field(None, description="The best checkpoint by training.bestMetric.")
+
+
+class EvaluationResult(_Model):
+    """The evaluation gate's verdict (evaluation.gate)."""
+
+    passed: bool
+    metric: str
+    value: float | None = None
+    threshold: float | None = Field(None, description="What the value had to beat (the base model's value, min or max).")
+    message: str
+
+
+class Lineage(_Model):
+    """Where the model came from (the whole record is lineage.json beside the model)."""
+
+    spec_hash: str = Field(description="sha256 of the job spec that trained it.")
+    base_model: str
+    base_model_hash: str | None = None
+    data_hash: str | None = Field(None, description="sha256 over the input files' hashes.")
+    prepared_hash: str | None = Field(None, description="sha256 over the prepared shards' hashes.")
+    kubetune_version: str
+    trainer_image: str | None = None
+    uri: str = Field(description="lineage.json")
 
 
 class Status(_Model):
@@ -96,6 +132,9 @@ class Status(_Model):
     endpoint: str | None = Field(None, description="The OpenAI-compatible endpoint, when served.")
     data_report: DataReport | None = None
     progress: Progress | None = None
+    checkpoints: list[CheckpointInfo] | None = Field(None, description="Complete checkpoints, the best marked.")
+    evaluation: EvaluationResult | None = Field(None, description="The evaluation gate's result.")
+    lineage: Lineage | None = None
 
 
 class StatusSink:

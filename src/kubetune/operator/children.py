@@ -191,6 +191,10 @@ def training_job(job: FineTuneJob, attempt: int, settings: Settings) -> dict:
     # A rank's one-line cause of failure becomes the pod's termination message (and so the reason
     # the operator reports), instead of the last lines torchrun prints about every rank.
     env.append({"name": "KUBETUNE_ERROR_FILE", "value": "/dev/termination-log"})
+    # Progress records carry the attempt (the stall watchdog ignores a previous attempt's last step);
+    # lineage.json names the image that trained the model.
+    env += [{"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
+            {"name": "KUBETUNE_TRAINER_IMAGE", "value": r.image or settings.trainer_image}]
     if not r.gpus_per_node:
         env.append({"name": "OMP_NUM_THREADS", "value": "1"})  # one CPU per rank; no oversubscription
     container = {

@@ -10,6 +10,7 @@ report is logged once and never stops training.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -59,7 +60,7 @@ class Reporter:
         if not force and now - self.last < self.interval:
             return
         self.last = now
-        progress = Progress(**{**record, "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        progress = Progress(**{**record, "attempt": attempt(), "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         for sink in self.sinks:
             try:
                 sink.send(progress)
@@ -69,6 +70,21 @@ class Reporter:
                     self.failed.add(name)
                     print(f"warning: progress report to {name} failed ({type(e).__name__}); training goes on",
                           file=sys.stderr)
+
+
+def attempt() -> int:
+    """The training attempt this process belongs to (the operator sets it in training pods; 0 locally)."""
+    return int(os.environ.get("KUBETUNE_ATTEMPT") or 0)
+
+
+def report_start(output: str, storage: Storage) -> None:
+    """Rank 0, first thing: "starting", with the numbers of the record before it. The stall watchdog
+    measures this attempt from here until its first step."""
+    last = LocalSink(output, storage).last() or {}
+    record = {"step": 0, "totalSteps": 0, "epoch": 0, "percent": 0, "tokensPerSecond": 0, **last,
+              "phase": "starting", "etaSeconds": None}
+    record.pop("updatedAt", None)
+    reporter_for(output, storage).update(record, force=True)
 
 
 def reporter_for(output: str, storage: Storage, interval: float = 5.0) -> Reporter:

@@ -27,6 +27,7 @@ from kubetune.train.bookkeeping import Bookkeeper
 from kubetune.errors import KubetuneError
 from kubetune.train.distributed import Preemption, is_node_leader
 from kubetune.train.export import export_model
+from kubetune.train.progress import report_start
 from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_batches, step_rows
 
 
@@ -169,6 +170,8 @@ def train(job_file: str) -> None:
     """Every rank: set up, resume if a checkpoint is there, train step by step, export."""
     job = load_job(job_file)
     t = job.spec.training
+    if int(os.environ.get("RANK", "0")) == 0:
+        report_start(job.spec.output.uri, job.spec.storage)
     run = setup(job)
     engine, plan = run.engine, run.plan
     book = Bookkeeper(job, plan, run.scratch, run.rank)
