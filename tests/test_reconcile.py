@@ -7,12 +7,14 @@ to cover the corners (a kill between two steps is just a starting state).
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 
 from k8s_helpers import ftj_doc
 from kubetune.operator.kube import Rejected
-from kubetune.operator.reconcile import reconcile
+from kubetune.operator.rechecks import Rechecks
+from kubetune.operator.reconcile import reconcile, seconds_to_stall, status_patch
 from kubetune.operator.settings import Settings
 
 NS = "team"
@@ -79,7 +81,20 @@ def body(name="bot", status=None, generation=1, **spec):
     return doc
 
 
+def ago(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds))
+
+
+def gang(created_ago: float) -> dict:
+    return {"metadata": {"creationTimestamp": ago(created_ago)}, "spec": {}, "status": {}}
+
+
+def progress(attempt: int, idle: float, phase: str = "training") -> dict:
+    return {"progress": {"phase": phase, "attempt": attempt, "step": 7, "updatedAt": ago(idle)}}
+
+
 TRAINING = {"phase": "Training", "prepared": True, "trainingJob": "bot-train-0"}
+GATE_FAILED = {"evaluation": {"passed": False, "metric": "valid_loss", "message": "valid_loss 2.31 did not beat base 2.20"}}
 PODS_NEED = ["ServiceAccount/bot-trainer", "Role/bot-progress", "RoleBinding/bot-progress", "ConfigMap/bot-job"]
 CASES = [
     # (what, body, jobs, other FineTuneJobs, phase, reason, created, deleted, status fields)
@@ -120,6 +135,29 @@ CASES = [
     ("fromJob cycle", body(model={"fromJob": "a"}), {},
      {"a": {"spec": {"model": {"fromJob": "b"}}}, "b": {"spec": {"model": {"fromJob": "bot"}}}},
      "Failed", "InvalidSpec", [], [], {}),
+    # the stall watchdog: the clock runs from this gang's last progress record
+    ("stalled: the retry is recorded", body(status={**TRAINING, **progress(0, 3600)}), {"bot-train-0": gang(7200)}, {},
+     "Training", "Stalled", [], [], {"retries": 1, "trainingJob": "bot-train-1"}),
+    ("stalled in start-up", body(status={**TRAINING, **progress(0, 3600, "starting")}), {"bot-train-0": gang(7200)}, {},
+     "Training", "Stalled", [], [], {"retries": 1}),
+    ("stalled on the last attempt: the gang goes", body(status={**TRAINING, "retries": 3, **progress(3, 3600)}),
+     {"bot-train-3": gang(7200)}, {}, "Failed", "Stalled", [], ["Job/bot-train-3"], {}),
+    ("recent progress is no stall", body(status={**TRAINING, **progress(0, 10)}), {"bot-train-0": gang(7200)}, {},
+     "Training", "Training", [], [], {}),
+    ("stallTimeout is the spec's", body(status={**TRAINING, **progress(0, 3600)}, training={"stallTimeout": "2h"}),
+     {"bot-train-0": gang(7200)}, {}, "Training", "Training", [], [], {}),
+    ("an earlier attempt's record is no stall", body(status={**TRAINING, "retries": 1, **progress(0, 3600)}),
+     {"bot-train-1": gang(60)}, {}, "Training", "Training", [], [], {}),
+    ("a record from before the gang (suspend, resume) is no stall", body(status={**TRAINING, **progress(0, 3600)}),
+     {"bot-train-0": gang(60)}, {}, "Training", "Training", [], [], {}),
+    ("exporting is no stall", body(status={**TRAINING, **progress(0, 3600, "exporting")}), {"bot-train-0": gang(7200)},
+     {}, "Training", "Training", [], [], {}),
+    # the evaluation gate and serve.checkpoint
+    ("gang done, gate failed: not served", body(status={**TRAINING, **GATE_FAILED}, serve={"enabled": True}),
+     {"bot-train-0": done()}, {}, "Succeeded", "EvaluationFailed", [], [], {"endpoint": None}),
+    ("serve.checkpoint that is not there", body(status={**TRAINING, "checkpoints": [{"name": "step-8", "step": 8}]},
+                                                serve={"enabled": True, "checkpoint": "step-9"}),
+     {"bot-train-0": done()}, {}, "Succeeded", "ServingFailed", [], [], {"endpoint": None}),
     ("a child the API server refuses", body(status=TRAINING), {}, {}, "Failed", "InvalidSpec",
      ["Service/bot-train", *PODS_NEED], [], {}),
     ("a spec the operator cannot read", {**body(), "spec": {"model": {}}}, {}, {}, "Failed", "InvalidSpec", [], [], {}),
@@ -173,3 +211,38 @@ def test_a_failing_sync_logs_its_traceback_once_then_one_line(caplog):
     records = [r for r in caplog.records if r.name == "test-operator"]
     assert [r.exc_info is not None for r in records] == [True, False, False]
     assert "failed again (ConnectionError: API server away)" in records[-1].getMessage()
+
+
+def test_serve_checkpoint_chooses_the_model_the_deployment_fetches():
+    checkpoints = [{"name": "step-4", "step": 4, "model": "s3://models/bot/checkpoints/step-00000004/model", "best": True},
+                   {"name": "step-8", "step": 8, "model": "s3://models/bot/checkpoints/step-00000008/model"}]
+    for ref, model in (("best", checkpoints[0]["model"]), ("step-8", checkpoints[1]["model"]), ("last", "s3://models/bot/model")):
+        api = FakeApi({"bot-train-0": done()})
+        job = body(status={**TRAINING, "checkpoints": checkpoints}, serve={"enabled": True, "checkpoint": ref})
+        assert reconcile(api, Settings(), job, lambda o: None).reason == "Serving"
+        fetch = api.objects[("Deployment", "bot-serve")]["spec"]["template"]["spec"]["initContainers"][0]["command"]
+        assert fetch[2] == model
+
+
+def test_the_gate_verdict_is_a_condition():
+    outcome = reconcile(FakeApi({"bot-train-0": done()}), Settings(), body(status={**TRAINING, **GATE_FAILED}), lambda o: None)
+    conditions = {c["type"]: c for c in status_patch(GATE_FAILED, outcome, 1)["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+    assert (conditions["EvaluationPassed"]["status"], conditions["EvaluationPassed"]["reason"]) == ("False", "GateFailed")
+    assert "did not beat base" in conditions["EvaluationPassed"]["message"]
+
+
+def test_the_watchdog_wakes_a_job_when_it_would_stall():
+    assert seconds_to_stall(body(status=progress(0, 600), training={"stallTimeout": "15m"})) == pytest.approx(300, abs=5)
+    assert seconds_to_stall(body(status=progress(0, 600, "done"))) is None
+    woken = []
+    rechecks = Rechecks(lambda ns, name: woken.append((name, time.monotonic())))
+    start = time.monotonic()
+    rechecks.after(NS, "a", 1.5)
+    rechecks.after(NS, "b", 1.0)
+    rechecks.after(NS, "b", 2.5)  # replaces the earlier one
+    rechecks.after(NS, "c", 1.0)
+    rechecks.forget(NS, "c")
+    time.sleep(3.2)
+    assert [name for name, _ in woken] == ["a", "b"]
+    assert woken[0][1] - start == pytest.approx(1.5, abs=0.3) and woken[1][1] - start == pytest.approx(2.5, abs=0.3)

@@ -36,18 +36,23 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def conditions_for(phase: Phase, reason: str, message: str, previous: list[dict] | None, at: str) -> list[dict]:
-    """The four conditions for a phase; lastTransitionTime moves only when a status flips."""
+def conditions_for(phase: Phase, reason: str, message: str, previous: list[dict] | None, at: str,
+                   evaluation: dict | None = None) -> list[dict]:
+    """The four conditions for a phase, and EvaluationPassed once the evaluation gate has a verdict;
+    lastTransitionTime moves only when a status flips."""
     wanted = {
-        "Ready": phase not in (Phase.PENDING, Phase.FAILED),
-        "Running": phase in (Phase.PREPARING, Phase.TRAINING),
-        "Succeeded": phase == Phase.SUCCEEDED,
-        "Failed": phase == Phase.FAILED,
+        "Ready": (phase not in (Phase.PENDING, Phase.FAILED), reason, message),
+        "Running": (phase in (Phase.PREPARING, Phase.TRAINING), reason, message),
+        "Succeeded": (phase == Phase.SUCCEEDED, reason, message),
+        "Failed": (phase == Phase.FAILED, reason, message),
     }
+    if evaluation:
+        passed = bool(evaluation.get("passed"))
+        wanted["EvaluationPassed"] = (passed, "GatePassed" if passed else "GateFailed", evaluation.get("message", ""))
     old = {c["type"]: c for c in previous or []}
     out = []
-    for kind, true in wanted.items():
+    for kind, (true, why, text) in wanted.items():
         status = "True" if true else "False"
         since = old[kind]["lastTransitionTime"] if kind in old and old[kind]["status"] == status else at
-        out.append({"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": since})
+        out.append({"type": kind, "status": status, "reason": why, "message": text, "lastTransitionTime": since})
     return out

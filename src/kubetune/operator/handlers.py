@@ -5,11 +5,12 @@ finishes (or is admitted by Kueue), and when the job its ``model.fromJob`` names
 triggers run the same idempotent ``sync``; a per-job lock keeps two of them from racing inside one
 operator, and peering keeps a second replica idle. A sync that fails (say, the API server is briefly
 away) is retried with backoff. There is no per-job timer: with 1 000 jobs, Kopf's per-object timers
-alone took the operator past 250 MB.
+alone took the operator past 250 MB; the stall watchdog's rechecks share one thread (``rechecks``).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections import defaultdict
@@ -20,7 +21,8 @@ from kubetune.operator import metrics
 from kubetune.operator.children import JOB_LABEL, KUEUE_QUEUE_LABEL, MANAGED_BY
 from kubetune.operator.conditions import FINISHED, JobState, Phase
 from kubetune.operator.kube import Kube
-from kubetune.operator.reconcile import job_state, needs_work, reconcile, status_patch
+from kubetune.operator.rechecks import Rechecks
+from kubetune.operator.reconcile import job_state, needs_work, reconcile, seconds_to_stall, status_patch
 from kubetune.operator.settings import Settings
 from kubetune.spec import API_GROUP, API_VERSION
 
@@ -34,6 +36,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     config: Settings = memo.get("settings") or Settings.from_env()
     memo.settings = config
     memo.api = Kube()
+    # Scheduled only by syncs, which peering lets run on the active operator alone.
+    memo.rechecks = Rechecks(lambda namespace, name: sync_or_retry(memo, namespace, name, logging.getLogger(__name__)))
     settings.posting.level = logging.INFO  # kopf.info() calls become Events
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
@@ -69,6 +73,9 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> bool:
         if changed.keys() - {"conditions"}:  # observedGeneration too: it tells a served job's edit was applied
             memo.api.patch_ftj_status(namespace, name, changed)
         metrics.observe(namespace, name, outcome.phase)
+        stall_in = seconds_to_stall(body) if outcome.phase == Phase.TRAINING else None
+        if stall_in is not None:
+            memo.rechecks.after(namespace, name, stall_in + 1)
         if previous.get("phase") != outcome.phase or previous.get("reason") != outcome.reason:
             event = kopf.warn if outcome.phase == Phase.FAILED else kopf.info
             event(body, reason=outcome.reason, message=outcome.message)
@@ -83,6 +90,7 @@ def on_job(memo: kopf.Memo, type: str, body, namespace: str, name: str, logger, 
     if type == "DELETED":  # its children go with it (owner references); forget what is kept per job
         _locks.pop(f"{namespace}/{name}", None)
         metrics.forget(namespace, name)
+        memo.rechecks.forget(namespace, name)
     elif needs_work(body):
         sync_or_retry(memo, namespace, name, logger)
 
@@ -133,6 +141,7 @@ def _retry_later(what: str, error: Exception, logger, delay: float, func, *args)
             _seen_errors.clear()
         _seen_errors.add(key)
         logger.exception(f"{what} failed; retrying in {delay:.0f} s", exc_info=error)
-    retry = threading.Timer(delay, func, (*args, min(delay * 2, 300.0)))
+    # in this handler's context: Kopf keeps its settings (needed to post Events) in context variables
+    retry = threading.Timer(delay, contextvars.copy_context().run, (func, *args, min(delay * 2, 300.0)))
     retry.daemon = True
     retry.start()

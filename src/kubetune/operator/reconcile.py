@@ -13,13 +13,14 @@ a crash, a restart of the operator, or two triggers at once converge on the same
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable
 
 from kubetune.operator import children
 from kubetune.operator.conditions import FINISHED, JobState, Phase, conditions_for, now
 from kubetune.operator.kube import Rejected
 from kubetune.operator.settings import Settings
-from kubetune.spec import FineTuneJob, SpecError, parse_job
+from kubetune.spec import FineTuneJob, SpecError, Training, duration_seconds, parse_job
 from kubetune.status import Status
 from kubetune.storage import join
 
@@ -171,20 +172,28 @@ class Step:
                 return self.serve(done["outputModel"], done)
             return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready", done)
         if state == JobState.FAILED:
-            message = failure_message(self.api, self.ns, training)
-            if attempt >= max_retries:
-                return Outcome(Phase.FAILED, "TrainingFailed",
-                               f"training failed {attempt + 1} time(s), spec.maxRetries is {max_retries}: {message}")
-            # Only record the retry here; the next reconcile (this status write triggers it) deletes this gang
-            # and starts the next. Acting first, an operator dying before the write came back to retries N
-            # and no gang N, and started gang N again, next to gang N+1.
-            retry = attempt + 1
-            return Outcome(Phase.TRAINING, "Retrying",
-                           f"attempt {attempt + 1} failed ({message}); attempt {retry + 1} resumes from the latest checkpoint",
-                           {**prepared, "retries": retry, "trainingJob": children.training_job_name(self.name, retry)})
+            return self.retry_or_fail("TrainingFailed", "failed", failure_message(self.api, self.ns, training), prepared)
         if state == JobState.SUSPENDED:
             return Outcome(Phase.TRAINING, "Queued", "waiting for admission", prepared)
+        stall = stalled(self.status.get("progress"), attempt, training, self.job.spec.training)
+        if stall:  # a hung rank (a collective that never returns, a dead filesystem) holds the gang's GPUs
+            if attempt >= max_retries:
+                self.api.delete_job(self.ns, self.train_name)
+            return self.retry_or_fail("Stalled", "stalled", stall, prepared)
         return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, max_retries), prepared)
+
+    def retry_or_fail(self, reason: str, what: str, message: str, prepared: dict) -> Outcome:
+        attempt, max_retries = self.attempt, self.job.spec.max_retries
+        if attempt >= max_retries:
+            return Outcome(Phase.FAILED, reason,
+                           f"training {what} {attempt + 1} time(s), spec.maxRetries is {max_retries}: {message}")
+        # Only record the retry here; the next reconcile (this status write triggers it) deletes this gang
+        # and starts the next. Acting first, an operator dying before the write came back to retries N
+        # and no gang N, and started gang N again, next to gang N+1.
+        retry = attempt + 1
+        return Outcome(Phase.TRAINING, "Retrying" if reason == "TrainingFailed" else reason,
+                       f"attempt {attempt + 1} {what} ({message}); attempt {retry + 1} resumes from the latest checkpoint",
+                       {**prepared, "retries": retry, "trainingJob": children.training_job_name(self.name, retry)})
 
     def serve(self, model_uri: str, done: dict) -> Outcome:
         """Make the endpoint of a succeeded job match spec.serve: a Deployment and a Service owned by the job,
@@ -195,6 +204,15 @@ class Step:
             self.api.delete_service(self.ns, self.n["serve"])
             return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready (no longer served: spec.serve.enabled is false)",
                            {**done, "endpoint": None})
+        evaluation = self.status.get("evaluation")
+        if evaluation and not evaluation.get("passed"):  # promotion only on a pass
+            self.api.delete_deployment(self.ns, self.n["serve"])
+            self.api.delete_service(self.ns, self.n["serve"])
+            return Outcome(Phase.SUCCEEDED, "EvaluationFailed", f"the model is ready but not served: it did not pass "
+                           f"evaluation.gate ({evaluation.get('message', '')})", {**done, "endpoint": None})
+        model_uri = served_model(job.spec.serve.checkpoint, model_uri, self.status.get("checkpoints") or [])
+        if isinstance(model_uri, Outcome):
+            return Outcome(model_uri.phase, model_uri.reason, model_uri.message, {**done, **model_uri.status})
         try:
             for obj in (children.serving_deployment(job, model_uri, self.settings), children.serving_service(job)):
                 self.ensure(obj)
@@ -239,6 +257,56 @@ def _cycle(api, ns: str, name: str, base: str, body: dict | None) -> list[str] |
     return None
 
 
+def served_model(ref: str, final_model: str, checkpoints: list[dict]) -> str | Outcome:
+    """The model that serve.checkpoint names: last (the final model), best, or step-N (status.checkpoints)."""
+    if ref == "last":
+        return final_model
+    for c in checkpoints:
+        if c.get("model") and (c.get("best") if ref == "best" else c.get("step") == int(ref.removeprefix("step-"))):
+            return c["model"]
+    have = ", ".join(f"step-{c.get('step')}" + (" (best)" if c.get("best") else "") for c in checkpoints) or "none"
+    return Outcome(Phase.SUCCEEDED, "ServingFailed", f"the model is ready, but serve.checkpoint '{ref}' is not among "
+                   f"the job's checkpoints (status.checkpoints: {have})", {"endpoint": None})
+
+
+def stalled(progress: dict | None, attempt: int, gang: dict, training) -> str | None:
+    """Why the running gang counts as stalled, or None. The clock runs from this gang's last progress
+    record (its "starting" record until the first step): a gang whose pods have not started (no GPUs
+    free, an image still pulling) has written none and is not stalled, and neither is a record from
+    before it (an earlier attempt, or this one before a suspend)."""
+    if not progress or progress.get("attempt") != attempt or progress.get("phase") not in ("starting", "training"):
+        return None
+    last, created = progress.get("updatedAt") or "", gang["metadata"].get("creationTimestamp") or ""
+    if last < created:  # both RFC 3339 in UTC: text order is time order
+        return None
+    idle = seconds_since(last)
+    if idle <= training.stall_timeout_seconds:
+        return None
+    where = f"step {progress.get('step')}" if progress.get("phase") == "training" else "start-up, before the first step"
+    return (f"no training step for {idle:.0f} s, more than training.stallTimeout {training.stall_timeout} "
+            f"(last progress: {where} at {last})")
+
+
+def seconds_to_stall(body: dict) -> float | None:
+    """In how many seconds a training job would count as stalled if its trainer wrote nothing more; None
+    when no clock runs for it (no record of this attempt yet, or one from before its gang, which ``stalled``
+    ignores: the trainer's next record starts the clock again)."""
+    status = body.get("status") or {}
+    progress = status.get("progress") or {}
+    if (progress.get("phase") not in ("starting", "training") or not progress.get("updatedAt")
+            or progress.get("attempt") != int(status.get("retries") or 0)):
+        return None
+    timeout = duration_seconds(((body.get("spec") or {}).get("training") or {}).get("stallTimeout")
+                               or Training.model_fields["stall_timeout"].default)
+    left = timeout - seconds_since(progress["updatedAt"])
+    return left if left > 0 else None
+
+
+def seconds_since(timestamp: str) -> float:
+    then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - then).total_seconds()
+
+
 def _attempt_text(attempt: int, max_retries: int) -> str:
     if attempt == 0:
         return "training"
@@ -248,8 +316,9 @@ def _attempt_text(attempt: int, max_retries: int) -> str:
 def status_patch(previous: dict, outcome: Outcome, generation: int | None) -> dict:
     """The status fields the operator owns; progress and the data report are left to the pods."""
     at = now()
-    status = Status(phase=outcome.phase.value, reason=outcome.reason, message=outcome.message,
-                    conditions=conditions_for(outcome.phase, outcome.reason, outcome.message, previous.get("conditions"), at),
+    conditions = conditions_for(outcome.phase, outcome.reason, outcome.message, previous.get("conditions"), at,
+                                previous.get("evaluation"))
+    status = Status(phase=outcome.phase.value, reason=outcome.reason, message=outcome.message, conditions=conditions,
                     observed_generation=generation, **outcome.status)
     if not previous.get("startTime"):
         status.start_time = at
