@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from hashlib import blake2b
+from hashlib import blake2b, sha256
 from pathlib import Path
 from typing import Callable
 
@@ -64,6 +64,7 @@ class Report:
     pii: Counter = field(default_factory=Counter)
     skipped_files: list[str] = field(default_factory=list)
     input_lines: int = 0
+    inputs: list[dict] = field(default_factory=list)  # each input file: uri, sha256, bytes (lineage)
 
     def bad(self, line: BadLine) -> None:
         reason = line.reason.split(":")[0].split(" (")[0]
@@ -117,6 +118,7 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
         "pii_redacted": {t: report.pii.get(t, 0) for t in pre.pii.redact},
         "tokens": tokens,
         "skipped_files": report.skipped_files,
+        "inputs": report.inputs,
         "max_seq_length": pre.max_seq_length,
         "packing": pre.packing,
         "seconds": round(time.monotonic() - started, 2),
@@ -136,7 +138,9 @@ def read_examples(job, uri, split, report, scrubber, log) -> list[Example]:
         raise PrepareError(f"{uri}: no data files (.jsonl, .jsonl.gz, .parquet, .csv) among {len(files)} file(s)")
     out = []
     for n, file_uri in enumerate(data_files, start=1):
-        for item in read_file(file_uri, store.read_bytes(file_uri)):
+        raw = store.read_bytes(file_uri)
+        report.inputs.append({"uri": file_uri, "sha256": sha256(raw).hexdigest(), "bytes": len(raw)})
+        for item in read_file(file_uri, raw):
             report.input_lines += 1
             if isinstance(item, BadLine):
                 report.bad(item)

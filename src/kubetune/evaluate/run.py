@@ -4,13 +4,17 @@ For a sample of held-out conversations (``prepared/validation.jsonl``), the last
 the reference and everything before it the prompt. Both models answer greedily; the report has
 the scores side by side, validation loss/perplexity/token accuracy of both on the validation
 shards, and a few prompts with both replies. Written as ``eval_report.json`` and
-``eval_report.md`` in the output location.
+``eval_report.md`` in the output location, with the verdict of ``evaluation.gate``
+(``kubetune.evaluate.gate``) and of the train/serve parity check (``kubetune.evaluate.parity``) at
+the top. ``evaluate_after_training`` is the job's last step; it also writes ``lineage.json`` and the
+model card (``kubetune.lineage``).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -18,9 +22,13 @@ from typing import Callable
 import orjson
 import torch
 
+from kubetune import lineage
+from kubetune.evaluate import parity
+from kubetune.evaluate.gate import Verdict, better, combine
+from kubetune.evaluate.parity import Parity
 from kubetune.evaluate.scores import score
 from kubetune.spec import FineTuneJob
-from kubetune.storage import Mirror, join, store_for
+from kubetune.storage import Mirror, NotFound, join, store_for
 from kubetune.train.progress import LocalSink, reporter_for
 
 SHOWN_SAMPLES = 5
@@ -68,41 +76,56 @@ def validation(model, prepared: Path, pad_id: int) -> dict:
 
 
 def _local_root(job: FineTuneJob, scratch: Path) -> Path:
-    """A local folder with the job's model/ and prepared/ (downloaded for s3:// outputs)."""
+    """A local folder with the job's model/, prepared/ and tokenizer/ (downloaded for s3:// outputs)."""
     out = Mirror(job.spec.output.uri, scratch, job.spec.storage)
     for part in ("model", "prepared"):
         out.fetch(part)
+    try:
+        out.fetch("tokenizer")  # the prepared tokenizer, for the parity check (which says so when it is missing)
+    except NotFound:
+        pass
     return out.path
 
 
-def evaluate_job(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
+def _conversations(root: Path) -> list[list[dict]]:
+    return [orjson.loads(line)["messages"] for line in
+            (root / "prepared" / "validation.jsonl").read_bytes().splitlines() if line.strip()]
+
+
+def _parity(job: FineTuneJob, root: Path, log: Callable[[str], None]) -> Parity:
+    """The train/serve parity check on one validation conversation and a few held-out prompts."""
+    conversations = _conversations(root)
+    trained = next((c for c in conversations if any(m["role"] == "assistant" and m.get("weight", 1) for m in c)), None)
+    prompts = [p for p, _ in held_out(conversations, parity.STOP_PROMPTS, job.spec.training.seed)]
+    result = parity.check(root, trained, prompts)
+    log(f"[evaluate] {result.summary()}")
+    return result
+
+
+def _evaluate(job: FineTuneJob, root: Path, scratch: Path, log: Callable[[str], None]) -> dict:
+    """Both models on the validation shards and (evaluation.samples) held-out prompts: the report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kubetune.models import load_model, resolve_source
 
-    ev, out = job.spec.evaluation, job.spec.output.uri
-    with tempfile.TemporaryDirectory(prefix="kubetune-eval-") as tmp:
-        scratch = Path(tmp)
-        prepared = _local_root(job, scratch)
-        model_dir = prepared / "model"
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        conversations = [orjson.loads(line)["messages"] for line in
-                         (prepared / "prepared" / "validation.jsonl").read_bytes().splitlines() if line.strip()]
-        pairs = held_out(conversations, ev.samples, job.spec.training.seed)
-        prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        source = None if job.spec.model.from_config else resolve_source(job, scratch / "base")
-        models = {"base": load_model(job, tokenizer, source=source).to(device).eval(),
-                  "fine_tuned": AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()}
-        results, replies, notes = {}, {}, []
-        for name, model in models.items():
-            log(f"[evaluate] {name}: generating {len(prompts)} replies")
-            generated = generate(model, tokenizer, prompts, ev.max_new_tokens)
-            replies[name] = [g[0] for g in generated]
-            metrics, why = score(replies[name], references, [g[1] for g in generated]) if prompts else ({}, [])
-            results[name] = {**validation(model, prepared, tokenizer.pad_token_id), **metrics}
-            notes += [n for n in why if n not in notes]
-    report = {
+    ev = job.spec.evaluation
+    model_dir = root / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs = held_out(_conversations(root), ev.samples, job.spec.training.seed)
+    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    source = None if job.spec.model.from_config else resolve_source(job, scratch / "base")
+    models = {"base": load_model(job, tokenizer, source=source).to(device).eval(),
+              "fine_tuned": AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()}
+    results, replies, notes = {}, {}, []
+    for name, model in models.items():
+        log(f"[evaluate] {name}: validation loss" + (f", generating {len(prompts)} replies" if prompts else ""))
+        generated = generate(model, tokenizer, prompts, ev.max_new_tokens)
+        replies[name] = [g[0] for g in generated]
+        metrics, why = score(replies[name], references, [g[1] for g in generated]) if prompts else ({}, [])
+        results[name] = {**validation(model, root, tokenizer.pad_token_id), **metrics}
+        notes += [n for n in why if n not in notes]
+    return {
         "samples": len(prompts),
         "max_new_tokens": ev.max_new_tokens,
         "metrics": results,
@@ -110,30 +133,90 @@ def evaluate_job(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
         "examples": [{"prompt": p, "reference": r, "base": b, "fine_tuned": f}
                      for p, r, b, f in list(zip(prompts, references, replies["base"], replies["fine_tuned"]))[:SHOWN_SAMPLES]],
     }
+
+
+def _evaluate_and_judge(job: FineTuneJob, root: Path, scratch: Path, checked: Parity,
+                        log: Callable[[str], None]) -> tuple[dict, Verdict | None]:
+    """The evaluation, the gate's verdict on it (parity first), both written as eval_report.{json,md}."""
+    report = _evaluate(job, root, scratch, log)
+    verdict = combine(checked.problems, job.spec.evaluation.gate, report["metrics"], report["samples"])
+    report = {"gate": verdict.as_dict() if verdict else None, "parity": checked.as_dict(), **report}
+    out = job.spec.output.uri
     store = store_for(out, job.spec.storage)
     store.write_bytes(join(out, "eval_report.json"), json.dumps(report, indent=2).encode())
     store.write_bytes(join(out, "eval_report.md"), markdown(job.metadata.name, report).encode())
     log(f"[evaluate] wrote {join(out, 'eval_report.md')}")
+    return report, verdict
+
+
+def evaluate_job(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
+    """``kubetune evaluate``: the parity check, the evaluation and the gate; the report (also written)."""
+    with tempfile.TemporaryDirectory(prefix="kubetune-eval-") as tmp:
+        root = _local_root(job, Path(tmp))
+        report, verdict = _evaluate_and_judge(job, root, Path(tmp), _parity(job, root, log), log)
+    _announce(verdict, log)
     return report
 
 
 def evaluate_after_training(job: FineTuneJob, log: Callable[[str], None] = print) -> None:
-    """The job's last step, run where the trainer was started, once its processes have ended.
+    """The job's "after training" step, run where the trainer was started, once its processes have ended:
+    train/serve parity → evaluation (with samples or a gate) → gate → lineage.json and model card.
 
     The trainer's last progress record ("exporting", in ``progress.json``) goes on as "evaluating",
-    then "done" with the evaluation's summary among its metrics. A job without evaluation samples
-    has nothing to do here: the trainer reported "done" itself.
+    then "done" with the evaluation's summary among its metrics; without samples and gate the trainer
+    reported "done" itself. In a pod the verdict goes to ``status.evaluation`` (only with a gate or a
+    broken parity) and the lineage summary to ``status.lineage``. A failed gate is not a failed job:
+    the operator reads ``status.evaluation.passed``.
     """
     spec = job.spec
-    if not spec.evaluation.samples:
-        return
+    evaluating = bool(spec.evaluation.samples or spec.evaluation.gate)
     reporter, record = reporter_for(spec.output.uri, spec.storage), LocalSink(spec.output.uri, spec.storage).last()
-    if record:
+    if record and evaluating:
         reporter.update({**record, "phase": "evaluating", "etaSeconds": None}, force=True)
-    evaluation = summary(evaluate_job(job, log))
-    if record:
-        metrics = {**record.get("metrics", {}), "evaluation": evaluation}
+    with tempfile.TemporaryDirectory(prefix="kubetune-after-") as tmp:
+        root = _local_root(job, Path(tmp))
+        checked = _parity(job, root, log)
+        if evaluating:
+            report, verdict = _evaluate_and_judge(job, root, Path(tmp), checked, log)
+        else:
+            report, verdict = None, combine(checked.problems, None, None, 0)
+        pinned = lineage.build(job, root / "prepared", verdict.as_dict() if verdict else None, checked.as_dict())
+    uri = lineage.write(job, pinned)
+    log(f"[evaluate] wrote {uri} and the model card {join(spec.output.uri, 'model', 'README.md')}")
+    _announce(verdict, log)
+    _report_to_cluster(verdict, lineage.status_lineage(pinned, uri))
+    if record and report is not None:
+        metrics = {**record.get("metrics", {}), "evaluation": summary(report)}
         reporter.update({**record, "phase": "done", "etaSeconds": 0, "metrics": metrics}, force=True)
+
+
+def _announce(verdict: Verdict | None, log: Callable[[str], None]) -> None:
+    if verdict is not None:
+        log(f"[evaluate] evaluation gate {verdict.word}: {verdict.message}"
+            + ("" if verdict.passed else " (the job succeeds; the operator does not serve this model)"))
+
+
+def status_patch(verdict: Verdict | None, lineage_status):
+    """The job status this step writes: status.lineage, and status.evaluation when there is a verdict."""
+    from kubetune.status import EvaluationResult, Status
+
+    if verdict is None:
+        return Status(lineage=lineage_status)
+    return Status(evaluation=EvaluationResult(**verdict.as_dict()), lineage=lineage_status)
+
+
+def _report_to_cluster(verdict: Verdict | None, lineage_status) -> None:
+    """In a pod, patch the job's status; a failure is only a warning (report and lineage.json are stored)."""
+    from kubetune.status import StatusSink
+
+    sink = StatusSink.from_environment()
+    if sink is None:
+        return
+    try:
+        sink.patch(status_patch(verdict, lineage_status))
+    except Exception as e:
+        print(f"warning: could not put the evaluation result and lineage into the job status ({type(e).__name__})",
+              file=sys.stderr)
 
 
 def summary(report: dict) -> dict:
@@ -146,20 +229,17 @@ def _round(x):
     return None if x is None else round(float(x), 4)
 
 
-_LOWER_IS_BETTER = {"valid_loss", "valid_perplexity", "repetition_rate", "empty_rate", "truncated_rate"}
-
-
 def markdown(name: str, report: dict) -> str:
     base, tuned = report["metrics"]["base"], report["metrics"]["fine_tuned"]
-    lines = [f"# Evaluation of `{name}`", "",
+    lines = [f"# Evaluation of `{name}`", ""] + _verdict_lines(report) + [
              f"{report['samples']} held-out conversations, greedy replies of at most {report['max_new_tokens']} tokens.", "",
              "| metric | base | fine-tuned | better |", "|---|---:|---:|:---:|"]
     for key in tuned:
         b, t = base.get(key), tuned[key]
         if t is None or b is None:
             continue
-        better = "fine-tuned" if (t < b if key in _LOWER_IS_BETTER else t > b) else ("=" if t == b else "base")
-        lines.append(f"| {key} | {b:.4f} | {t:.4f} | {better} |")
+        which = "fine-tuned" if better(key, t, b) else ("=" if t == b else "base")
+        lines.append(f"| {key} | {b:.4f} | {t:.4f} | {which} |")
     lines += [f"\n_{note}_" for note in report["notes"]]
     lines += ["", "## Samples", ""]
     for i, ex in enumerate(report["examples"], 1):
@@ -167,6 +247,22 @@ def markdown(name: str, report: dict) -> str:
         lines += [f"### {i}. {_quote(question)}", "", "| reference | base | fine-tuned |", "|---|---|---|",
                   f"| {_quote(ex['reference'])} | {_quote(ex['base'])} | {_quote(ex['fine_tuned'])} |", ""]
     return "\n".join(lines)
+
+
+def _verdict_lines(report: dict) -> list[str]:
+    """PASS or FAIL with the numbers, and the parity check, at the top of the report."""
+    lines = []
+    gate, checked = report.get("gate"), report.get("parity")
+    if gate:
+        numbers = ", ".join(f"{k} {gate[k]:.4f}" for k in ("value", "threshold") if gate[k] is not None)
+        lines += [f"**Evaluation gate: {'PASS' if gate['passed'] else 'FAIL'}** — {gate['message']}"
+                  + (f" ({numbers})" if numbers else ""), ""]
+    if checked:
+        state = "ok" if checked["ok"] else "**FAILED**: " + "; ".join(checked["problems"])
+        lines += [f"Train/serve parity: {state}. {checked['stopped']} of {checked['prompts']} greedy replies of the "
+                  f"fine-tuned model ended on the eos token `{checked['eos_token']}` within {checked['max_new_tokens']} tokens.", ""]
+        lines += [f"_{note}_\n" for note in checked["notes"]]
+    return lines
 
 
 def _quote(text: str) -> str:

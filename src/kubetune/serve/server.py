@@ -75,8 +75,8 @@ def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tupl
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise RequestError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
         content = m.get("content")
-        if isinstance(content, list) and all(map(_is_part, content)):  # content parts: join the text ones
-            content = "".join(part["text"] for part in content if part["type"] == "text")
+        if isinstance(content, list) and all(map(_is_part, content)):  # text parts joined by "\n", as in preparation (data/formats.py) and vLLM
+            content = "\n".join(part["text"] for part in content if part["type"] == "text")
         if not isinstance(content, str):
             raise RequestError(400, f"messages[{i}].content must be a string or an array of text parts",
                                f"messages[{i}].content")
