@@ -84,6 +84,10 @@ def control_plane(request):
     try:
         cp.kubectl("apply", "-f", str(ROOT / "crds"))
         cp.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.dev", "--timeout=60s")
+        deadline = time.monotonic() + 60  # Established comes before discovery and OpenAPI (explain) serve it
+        while time.monotonic() < deadline and any(cp.kubectl(*args, check=False).returncode
+                                                  for args in (("get", "ftj", "-A"), ("explain", "ftj.status"))):
+            time.sleep(0.5)
         yield cp
     finally:
         cp.stop(keep=getattr(request.session, "e2e_failed", False))

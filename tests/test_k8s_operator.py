@@ -24,6 +24,25 @@ def test_status_fields_are_explained(control_plane):
     run = control_plane.kubectl("explain", "ftj.status.progress")
     assert "tokensPerSecond" in run.stdout and "The latest complete checkpoint" in run.stdout
     assert "badLines" in control_plane.kubectl("explain", "ftj.status.dataReport").stdout
+    assert "GPU-hours used" in run.stdout and "Model FLOPs utilization" in run.stdout
+    assert "best checkpoint by training.bestMetric" in control_plane.kubectl("explain", "ftj.status.checkpoints").stdout
+    assert "threshold" in control_plane.kubectl("explain", "ftj.status.evaluation").stdout
+    assert "specHash" in control_plane.kubectl("explain", "ftj.status.lineage").stdout
+    assert "Default: 30m" in control_plane.kubectl("explain", "ftj.spec.training.stallTimeout").stdout
+
+
+def test_wide_output_shows_speed_and_cost(control_plane, namespace):
+    cp = control_plane
+    apply(cp, namespace, ftj_doc("wide"))
+    progress = {"phase": "training", "step": 5, "totalSteps": 10, "epoch": 0.5, "percent": 50.0, "etaSeconds": 60,
+                "tokensPerSecond": 1234.5, "gpuHours": 2.5, "mfu": 0.41}
+    cp.kubectl("patch", "ftj", "wide", "-n", namespace, "--subresource=status", "--type=merge",
+               "-p", json.dumps({"status": {"progress": progress, "evaluation": {
+                   "passed": True, "metric": "valid_loss", "message": "ok"}}}))
+    header, row = cp.kubectl("get", "ftj", "wide", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert header.split()[-6:] == ["AGE", "TOKENS/S", "GPU-HOURS", "MFU", "ETA", "EVAL"]
+    assert row.split()[-5:] == ["1234.5", "2.5", "0.41", "60", "true"]
+    assert "TOKENS/S" not in cp.kubectl("get", "ftj", "wide", "-n", namespace).stdout  # wide only
 
 
 @pytest.mark.parametrize("change, message", [
@@ -47,6 +66,10 @@ def test_status_fields_are_explained(control_plane):
     (lambda d: d["spec"]["dataset"].update(train=""), 'spec.dataset.train: Invalid value: ""'),
     (lambda d: d["spec"]["output"].update(uri="s3://b/" + "x" * 5000), "spec.output.uri: Too long"),
     (lambda d: d["spec"].update(maxRetries=1000), "spec.maxRetries: Invalid value: 1000"),
+    (lambda d: d["spec"].update(training={"stallTimeout": "30 minutes"}), 'spec.training.stallTimeout: Invalid value: "30 minutes"'),
+    (lambda d: d["spec"].update(serve={"checkpoint": "newest"}), 'spec.serve.checkpoint: Invalid value: "newest"'),
+    (lambda d: d["spec"].update(evaluation={"gate": {"metric": "rouge_l", "min": 0.3, "mustBeat": "base"}}),
+     "spec.evaluation.gate: Invalid value: set exactly one of mustBeat, min, max"),
 ])
 def test_invalid_jobs_are_rejected_with_the_field(control_plane, namespace, change, message):
     doc = ftj_doc("bad")
