@@ -30,7 +30,7 @@ def test_a_failing_sink_never_stops_training(tmp_path, capsys):
         reporter.update(record(step, step * 10.0), force=True)
     assert json.loads((tmp_path / "progress.json").read_text())["step"] == 2  # the other sink still works
     err = capsys.readouterr().err
-    assert err.count("progress report to StatusSink failed") == 1 and "not-a-real-token" not in err
+    assert err.count("status report to StatusSink failed") == 1 and "not-a-real-token" not in err
 
 
 def test_reports_are_throttled(tmp_path):

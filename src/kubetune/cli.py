@@ -24,24 +24,14 @@ def _load(args):
 
 def _prepare_job(job) -> None:
     from kubetune.data.prepare import prepare, summary
+    from kubetune.status import DataReport, Status
+    from kubetune.train.progress import reporter_for
 
     report = prepare(job)
     print(f"\nData report for '{job.metadata.name}' ({job.spec.output.uri}/data_report.json):")
     print(summary(report), flush=True)
-    _report_to_cluster(report)
-
-
-def _report_to_cluster(report: dict) -> None:
-    """In a pod, put the data report's counts into the FineTuneJob's status (counts only, no data)."""
-    from kubetune.status import DataReport, Status, StatusSink
-
-    sink = StatusSink.from_environment()
-    if sink is None:
-        return
-    try:
-        sink.patch(Status(data_report=DataReport.from_report(report)))
-    except Exception as e:  # the report is in storage either way
-        print(f"warning: could not put the data report into the job status ({type(e).__name__})", file=sys.stderr)
+    # in a pod, the counts (never the data) go into the job's status; a failed write is only a warning
+    reporter_for(job.spec.output.uri, job.spec.storage).patch(Status(data_report=DataReport.from_report(report)))
 
 
 def _prepare(args) -> int:
@@ -180,6 +170,19 @@ def _download(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from kubetune.storage import join
+    from kubetune.train import checkpoint
+
+    job = load_job(args.job)
+    out, storage = job.spec.output.uri, job.spec.storage
+    model = checkpoint.resolve(out, storage, args.checkpoint, job.spec.training.best_metric)
+    dest = args.to or join(out, "exports", args.checkpoint)
+    checkpoint.copy_model(model, dest, storage)
+    print(f"exported {model} ({args.checkpoint}) to {dest}; serve it: kubetune serve {dest}")
+    return 0
+
+
 def _crd(args) -> int:
     import yaml
 
@@ -234,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("destination")
     p.add_argument("--endpoint", help="S3-compatible endpoint URL")
     p.set_defaults(func=_download)
+    p = sub.add_parser("export", help="a servable model folder from a checkpoint: step-N, best (by "
+                       "training.bestMetric) or last")
+    p.add_argument("job")
+    p.add_argument("--checkpoint", required=True, help="step-N, best or last (the final model once the job finished)")
+    p.add_argument("--to", help="destination folder or s3:// prefix (default OUTPUT/exports/CHECKPOINT/)")
+    p.set_defaults(func=_export)
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     p.set_defaults(func=_crd)
     args = parser.parse_args(argv)

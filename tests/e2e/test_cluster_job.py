@@ -133,8 +133,9 @@ def job_manifest(s3_url: str) -> dict:
     doc["spec"]["storage"]["endpoint"] = s3_url
     doc["spec"]["dataset"]["train"] = "s3://kubetune/data/"
     doc["spec"]["output"]["uri"] = f"s3://kubetune/jobs/{JOB}/"
-    doc["spec"]["serve"] = {"enabled": True, "cpu": "500m", "memory": "1Gi"}
-    doc["spec"]["evaluation"] = {"samples": 4, "maxNewTokens": 16}
+    # The best checkpoint is served: status.checkpoints (trainer) → the Deployment's model (operator) → the pod.
+    doc["spec"]["serve"] = {"enabled": True, "cpu": "500m", "memory": "1Gi", "checkpoint": "best"}
+    doc["spec"]["evaluation"] = {"samples": 4, "maxNewTokens": 16, "gate": {"metric": "valid_loss", "mustBeat": "base"}}
     # Checkpoints every 20 of the 96 steps: a kill after the first one has steps left to redo.
     doc["spec"]["training"]["checkpointEvery"] = 20
     # Two training pods and the operator (100m) fit on a 2-CPU node: one rank per pod.
@@ -218,8 +219,22 @@ def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
     assert any("/checkpoints/" in k for k in keys) and any(k.endswith("/model/config.json") for k in keys), keys[:50]
     assert status["outputModel"] == f"s3://kubetune/jobs/{JOB}/model"
 
+    # Every checkpoint a model, the best marked; the gate's verdict; lineage and a model card beside the model.
+    best = [c for c in status["checkpoints"] if c.get("best")]
+    assert len(best) == 1 and all(any(k.endswith(f"{c['model'].split('kubetune/', 1)[1]}/config.json") for k in keys)
+                                  for c in status["checkpoints"]), status["checkpoints"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert status["evaluation"]["passed"] and conditions["EvaluationPassed"]["status"] == "True", status["evaluation"]
+    assert status["lineage"]["uri"] == f"s3://kubetune/jobs/{JOB}/model/lineage.json" and len(status["lineage"]["specHash"]) == 64
+    assert any(k.endswith("/model/README.md") for k in keys)
+    wide = kubectl("get", "ftj", JOB, "-n", ns, "-o", "wide").stdout
+    assert "TOKENS/S" in wide and "true" in wide.splitlines()[1].split(), wide
+    log(f"best checkpoint {best[0]['name']} ({best[0]['metrics']}); gate: {status['evaluation']['message']}")
+
     # Serving: the Deployment becomes ready; the openai client chats through the Service.
     kubectl("rollout", "status", "-n", ns, f"deployment/{JOB}-serve", "--timeout=600s", timeout=620)
+    deployment = get_json("deployment", f"{JOB}-serve", "-n", ns)
+    assert best[0]["model"] in deployment["spec"]["template"]["spec"]["initContainers"][0]["command"]
     reply = chat_through_service(ns)
     assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
     log(f"served: {reply.choices[0].message.content[:80]!r}")

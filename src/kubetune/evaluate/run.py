@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -184,7 +183,7 @@ def evaluate_after_training(job: FineTuneJob, log: Callable[[str], None] = print
     uri = lineage.write(job, pinned)
     log(f"[evaluate] wrote {uri} and the model card {join(spec.output.uri, 'model', 'README.md')}")
     _announce(verdict, log)
-    _report_to_cluster(verdict, lineage.status_lineage(pinned, uri))
+    reporter.patch(status_patch(verdict, lineage.status_lineage(pinned, uri)))  # in a pod: the job's status
     if record and report is not None:
         metrics = {**record.get("metrics", {}), "evaluation": summary(report)}
         reporter.update({**record, "phase": "done", "etaSeconds": 0, "metrics": metrics}, force=True)
@@ -203,20 +202,6 @@ def status_patch(verdict: Verdict | None, lineage_status):
     if verdict is None:
         return Status(lineage=lineage_status)
     return Status(evaluation=EvaluationResult(**verdict.as_dict()), lineage=lineage_status)
-
-
-def _report_to_cluster(verdict: Verdict | None, lineage_status) -> None:
-    """In a pod, patch the job's status; a failure is only a warning (report and lineage.json are stored)."""
-    from kubetune.status import StatusSink
-
-    sink = StatusSink.from_environment()
-    if sink is None:
-        return
-    try:
-        sink.patch(status_patch(verdict, lineage_status))
-    except Exception as e:
-        print(f"warning: could not put the evaluation result and lineage into the job status ({type(e).__name__})",
-              file=sys.stderr)
 
 
 def summary(report: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The final model in Hugging Face format (safetensors), with its tokenizer and chat template.
+"""A Hugging Face model (safetensors) with its tokenizer and chat template: the final ``OUTPUT/model/``
+and each checkpoint's ``step-N/model/`` are written by the same function.
 
 Weights are gathered on rank 0 (ZeRO-3 partitions are consolidated first) and loaded into a fresh
 CPU copy of the same architecture, which is what gets saved. For LoRA the adapter is saved as is
@@ -7,6 +8,8 @@ CPU copy of the same architecture, which is what gets saved. For LoRA the adapte
 
 from __future__ import annotations
 
+import shutil
+from hashlib import blake2b
 from pathlib import Path
 
 import torch
@@ -17,13 +20,16 @@ from kubetune.spec import FineTuneJob
 from kubetune.storage import Mirror
 
 
-def export_model(engine, job: FineTuneJob, tokenizer, source: str | None, dtype: torch.dtype, scratch: Path) -> None:
+def export_model(engine, job: FineTuneJob, tokenizer, source: str | None, dtype: torch.dtype, scratch: Path,
+                 dest: str) -> None:
+    """Every rank: write ``dest``/model (and ``dest``/adapter for LoRA), local or s3://."""
     if job.spec.training.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
     else:
         state = engine.module.state_dict() if dist.get_rank() == 0 else None
     if dist.get_rank() == 0:
-        out = Mirror(job.spec.output.uri, scratch / "export", job.spec.storage)
+        # a scratch folder of its own per destination: publish() uploads all that is in it
+        out = Mirror(dest, scratch / "export" / blake2b(dest.encode(), digest_size=6).hexdigest(), job.spec.storage)
         folder = out.path
         fresh = build_model(job, tokenizer, source, dtype)
         missing, unexpected = fresh.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
@@ -39,4 +45,6 @@ def export_model(engine, job: FineTuneJob, tokenizer, source: str | None, dtype:
         fresh.save_pretrained(folder / "model", safe_serialization=True)
         tokenizer.save_pretrained(folder / "model")
         out.publish()
+        if out.remote:
+            shutil.rmtree(folder, ignore_errors=True)  # uploaded; scratch is not a second store
     dist.barrier()

@@ -79,3 +79,35 @@ class MetricsLog:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def higher_is_better(metric: str) -> bool:
+    """Token accuracy rises as a model gets better; losses and perplexity fall."""
+    return metric == "valid_mean_token_accuracy"
+
+
+def improves(metric: str, value: float, best: float | None, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (anything beats no best)."""
+    if best is None:
+        return True
+    return value - best > min_delta if higher_is_better(metric) else best - value > min_delta
+
+
+class EarlyStopping:
+    """Counts validations in a row without an improvement of ``metric``; ``update`` says when to stop."""
+
+    def __init__(self, metric: str, patience: int, min_delta: float, state: dict | None = None):
+        self.metric, self.patience, self.min_delta = metric, patience, min_delta
+        self.best: float | None = (state or {}).get("best")
+        self.bad: int = (state or {}).get("bad", 0)
+
+    def update(self, value: float) -> bool:
+        if improves(self.metric, value, self.best, self.min_delta):
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, so a resumed run counts on from there."""
+        return {"best": self.best, "bad": self.bad}

@@ -4,7 +4,8 @@ Rank 0 calls ``Reporter.update`` freely; records go out at most every ``interval
 always when forced). In a cluster (``KUBETUNE_JOB_NAME`` set and a service-account token mounted)
 the record is merge-patched into ``status.progress`` of the job's own FineTuneJob (``StatusSink``).
 Locally it prints a progress line and keeps ``progress.json`` in the output location. A failed
-report is logged once and never stops training.
+report is logged once and never stops training. Other status fields (``status.checkpoints``) go
+through the same sinks with ``Reporter.patch`` (locally: ``checkpoints.json``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 
 from kubetune.spec import Storage
-from kubetune.status import Progress, StatusSink
+from kubetune.status import Progress, Status, StatusSink
 from kubetune.storage import StorageError, join, store_for
 
 
@@ -23,7 +24,7 @@ class LocalSink:
     """A progress line on stderr and ``progress.json`` in the output location."""
 
     def __init__(self, output: str, storage: Storage):
-        self.uri = join(output, "progress.json")
+        self.output, self.uri = output, join(output, "progress.json")
         self.store = store_for(output, storage)
 
     def send(self, p: Progress) -> None:
@@ -40,6 +41,12 @@ class LocalSink:
             parts.append(f"ETA {_duration(p.eta_seconds)}")
         print(f"[{p.phase}] " + "  ".join(parts), file=sys.stderr, flush=True)
         self.store.write_bytes(self.uri, json.dumps(p.patch(), indent=2).encode())
+
+    def patch(self, status: Status) -> None:
+        """Status fields other than progress: ``checkpoints.json`` for status.checkpoints."""
+        if status.checkpoints is not None:
+            body = [c.patch() for c in status.checkpoints]
+            self.store.write_bytes(join(self.output, "checkpoints.json"), json.dumps(body, indent=2).encode())
 
     def last(self) -> dict | None:
         """The record written last (``progress.json``), or None when there is none to read."""
@@ -61,14 +68,21 @@ class Reporter:
             return
         self.last = now
         progress = Progress(**{**record, "attempt": attempt(), "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self._each(lambda sink: sink.send(progress))
+
+    def patch(self, status: Status) -> None:
+        """Other status fields (a merge patch: a list replaces the old one), at once through every sink."""
+        self._each(lambda sink: sink.patch(status))
+
+    def _each(self, call) -> None:
         for sink in self.sinks:
             try:
-                sink.send(progress)
+                call(sink)
             except Exception as e:  # reporting must never stop training
                 name = type(sink).__name__
                 if name not in self.failed:
                     self.failed.add(name)
-                    print(f"warning: progress report to {name} failed ({type(e).__name__}); training goes on",
+                    print(f"warning: status report to {name} failed ({type(e).__name__}); the job goes on",
                           file=sys.stderr)
 
 

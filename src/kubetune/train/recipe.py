@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from kubetune.packed.rows import Rows, collate, load_rows, to_device, token_stat
 from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import Mirror
 from kubetune.train import extensions
-from kubetune.train.bookkeeping import Bookkeeper
+from kubetune.train.bookkeeping import Bookkeeper, Cost
 from kubetune.errors import KubetuneError
 from kubetune.train.distributed import Preemption, is_node_leader
 from kubetune.train.export import export_model
@@ -166,21 +167,30 @@ def train_step(run: Run, rows: np.ndarray, preemption: Preemption) -> tuple[dict
              "train_accuracy": stats[1].item() / max(stats[2].item(), 1)}, stats[3].item() > 0)
 
 
+def cost(run: Run, began: float) -> Cost:
+    """GPU-hours and MFU bookkeeping: GPUs and their model; parameters counted whole under ZeRO-3 too."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters())
+    gpus = run.world if run.on_gpu else 0
+    return Cost(gpus, torch.cuda.get_device_name() if run.on_gpu else None, params, began)
+
+
 def train(job_file: str) -> None:
     """Every rank: set up, resume if a checkpoint is there, train step by step, export."""
+    began = time.monotonic()  # GPU-hours count set-up too
     job = load_job(job_file)
     t = job.spec.training
     if int(os.environ.get("RANK", "0")) == 0:
         report_start(job.spec.output.uri, job.spec.storage)
     run = setup(job)
     engine, plan = run.engine, run.plan
-    book = Bookkeeper(job, plan, run.scratch, run.rank)
+    export = partial(export_model, engine, job, run.tokenizer, run.source, run.dtype, run.scratch)  # export(dest)
+    book = Bookkeeper(job, plan, run.scratch, run.rank, export, cost(run, began))
     start = book.resume(engine)
     book.log(run.describe())
 
     engine.train()
     timer, tokens_per_s, preemption = time.monotonic(), 0.0, Preemption()
-    for step in range(start, plan.total_steps):
+    for step in range(start, book.total_steps):  # none left when the resumed run had stopped early
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout depends on the step, not on history
         rows = step_rows(plan, t.seed, step)
         metrics, stop = train_step(run, rows, preemption)
@@ -194,18 +204,20 @@ def train(job_file: str) -> None:
         row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 3), **metrics,
                "learning_rate": run.scheduler.get_last_lr()[0], "tokens_per_second": round(tokens_per_s, 1),
                "batch": fingerprint(rows)}
-        if done % t.eval_every == 0 or done == plan.total_steps:
+        if done % t.eval_every == 0 or book.due(done):  # each checkpoint's marker keeps its validation metrics
             metrics.update(evaluate(engine, run.valid_rows, run.rank, run.world, plan.micro,
                                     run.tokenizer.pad_token_id))
             row.update(metrics)
         book.after_step(engine, row, metrics, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
+        if book.stopped_at:  # early stopping: every rank got rank 0's decision, and the checkpoint is written
+            break
         if stop and done < plan.total_steps:
             book.checkpoint(engine, done, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
             raise Preempted(f"stopped by SIGTERM after step {done}, with a complete checkpoint of it; "
                             "the next attempt resumes there")
 
-    book.report(plan.total_steps, "exporting", tokens_per_s, 0, force=True)
-    export_model(engine, job, run.tokenizer, run.source, run.dtype, run.scratch)
+    book.report(book.total_steps, "exporting", tokens_per_s, 0, force=True)
+    export(job.spec.output.uri)
     dist.barrier()
     dist.destroy_process_group()
     if run.rank == 0:
