@@ -287,3 +287,40 @@ def test_child_the_api_server_refuses_fails_the_job_with_its_message(control_pla
         assert get(cp, namespace, "job", "picky-train-0") is None
         assert "Traceback" not in operator_log(op)
 
+
+
+def test_a_failed_gate_is_not_served_and_serve_checkpoint_picks_the_model(control_plane, namespace, tmp_path):
+    """What the trainer pod writes (status.evaluation, status.checkpoints, with the job's own token) decides
+    what the operator serves."""
+    from kubetune.status import CheckpointInfo, EvaluationResult, Status, StatusSink
+
+    cp = control_plane
+    token_file = tmp_path / "token"
+    with operator(cp, namespace):
+        for name in ("gated", "picked"):
+            start_training(cp, namespace, ftj_doc(name, serve={"enabled": True, "checkpoint": "best"}))
+            token_file.write_text(cp.kubectl("create", "token", f"{name}-trainer", "-n", namespace).stdout.strip())
+            sink = StatusSink(name, namespace, cp.server, token_file, ca_file=None)
+            sink.context = __import__("ssl")._create_unverified_context()  # the test server's certificate is self-signed
+            checkpoints = [CheckpointInfo(name=f"step-{s}", step=s, model=f"s3://models/{name}/checkpoints/step-{s:08d}/model",
+                                          metrics={"valid_loss": loss}, **({"best": True} if s == 4 else {}))
+                           for s, loss in ((4, 1.5), (8, 1.7))]
+            verdict = EvaluationResult(passed=name == "picked", metric="valid_loss", value=1.7, threshold=1.6,
+                                       message="valid_loss 1.7 vs base 1.6")
+            sink.patch(Status(checkpoints=checkpoints, evaluation=verdict))
+            finish_job(cp, namespace, f"{name}-train-0")
+        gated = wait_phase(cp, namespace, "gated", "Succeeded")["status"]
+        assert gated["reason"] == "EvaluationFailed" and "valid_loss 1.7 vs base 1.6" in gated["message"]
+        assert {c["type"]: c["status"] for c in gated["conditions"]}["EvaluationPassed"] == "False"
+        assert get(cp, namespace, "deployment", "gated-serve") is None and not gated.get("endpoint")
+
+        wait_for(lambda: get(cp, namespace, "deployment", "picked-serve"), what="the picked job's Deployment")
+        fetch = lambda: get(cp, namespace, "deployment", "picked-serve")["spec"]["template"]["spec"]["initContainers"][0]["command"][2]  # noqa: E731
+        assert fetch() == "s3://models/picked/checkpoints/step-00000004/model"
+        cp.kubectl("patch", "ftj", "picked", "-n", namespace, "--type=merge", "-p", '{"spec": {"serve": {"checkpoint": "step-8"}}}')
+        wait_for(lambda: fetch() == "s3://models/picked/checkpoints/step-00000008/model", what="the Deployment to follow")
+        cp.kubectl("patch", "ftj", "picked", "-n", namespace, "--type=merge", "-p", '{"spec": {"serve": {"checkpoint": "step-5"}}}')
+        status = wait_for(lambda: (s := get(cp, namespace, "ftj", "picked")["status"])["reason"] == "ServingFailed" and s,
+                          what="ServingFailed")
+        assert "step-4 (best), step-8" in status["message"]
+        assert fetch() == "s3://models/picked/checkpoints/step-00000008/model" and status["endpoint"]  # still served

@@ -265,8 +265,9 @@ def served_model(ref: str, final_model: str, checkpoints: list[dict]) -> str | O
         if c.get("model") and (c.get("best") if ref == "best" else c.get("step") == int(ref.removeprefix("step-"))):
             return c["model"]
     have = ", ".join(f"step-{c.get('step')}" + (" (best)" if c.get("best") else "") for c in checkpoints) or "none"
+    # Nothing is torn down: an endpoint serving an earlier choice goes on serving it.
     return Outcome(Phase.SUCCEEDED, "ServingFailed", f"the model is ready, but serve.checkpoint '{ref}' is not among "
-                   f"the job's checkpoints (status.checkpoints: {have})", {"endpoint": None})
+                   f"the job's checkpoints (status.checkpoints: {have})")
 
 
 def stalled(progress: dict | None, attempt: int, gang: dict, training) -> str | None:
