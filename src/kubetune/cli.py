@@ -153,6 +153,20 @@ def _serve(args) -> int:
     return 0
 
 
+def _api(args) -> int:
+    from kubetune.api.jobs import load_settings
+    from kubetune.api.server import serve_api
+
+    storage = {"endpoint": args.storage_endpoint} if args.storage_endpoint else None
+    try:
+        settings = load_settings(args.config, files_uri=args.files, outputs_uri=args.outputs, storage=storage)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    serve_api(settings, args.host, args.port)
+    return 0
+
+
 def _chat(args) -> int:
     from kubetune.serve.chat import chat
 
@@ -222,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 503")
     p.add_argument("--endpoint", help="S3-compatible endpoint URL for an s3:// model")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("api", help="OpenAI's files and fine-tuning API on this cluster (api_key: a Kubernetes token)")
+    p.add_argument("--config", help="YAML settings: filesUri, outputsUri, storage, jobDefaults, models, defaultNamespace")
+    p.add_argument("--files", help="s3:// prefix for uploaded files (filesUri)")
+    p.add_argument("--outputs", help="s3:// prefix for the jobs' outputs (outputsUri)")
+    p.add_argument("--storage-endpoint", help="S3-compatible endpoint URL (storage.endpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=_api)
     p = sub.add_parser("chat", help="chat in the terminal with an endpoint (http://…) or a local model folder")
     p.add_argument("target")
     p.add_argument("--system", help="system prompt")

@@ -1,0 +1,308 @@
+"""The API server (aiohttp): OpenAI's files and fine-tuning endpoints, and chat by fine-tuned model name.
+
+    POST/GET /v1/files, GET/DELETE /v1/files/{id}, GET /v1/files/{id}/content
+    POST/GET /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs/{id}
+    POST /v1/fine_tuning/jobs/{id}/cancel | pause | resume
+    GET  /v1/fine_tuning/jobs/{id}/events | checkpoints
+    POST /v1/chat/completions   passed on to the serving endpoint of the job named by ``model``
+    GET  /v1/models             the project's served fine-tuned models
+    GET  /healthz
+
+Every request needs ``Authorization: Bearer TOKEN`` (the OpenAI client's api_key): a Kubernetes token,
+checked with TokenReview. The namespace is the ``OpenAI-Project`` header (the client's ``project=``),
+else a ServiceAccount's own namespace, else the configured default; each action is checked with a
+SubjectAccessReview on ``finetunejobs`` there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import re
+import sys
+import time
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+from kubetune.api import jobs as J
+from kubetune.api.access import Access
+from kubetune.api.files import FileStore, public
+from kubetune.openai_errors import RequestError, error_response
+from kubetune.spec import API_GROUP, API_VERSION, PLURAL, Storage
+from kubetune.storage import StorageError, join, store_for
+
+NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_UPLOAD = 512 * 1024 * 1024  # OpenAI's limit for one file
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler):
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return await handler(request)
+    except RequestError as e:
+        return error_response(e.status, str(e), e.kind, e.param, e.code)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(e.status, e.reason, "invalid_request_error" if e.status < 500 else "server_error")
+    except ApiException as e:  # the Kubernetes API said no: its status, not its body (it may quote the request)
+        print(f"{request.method} {request.path}: Kubernetes API {e.status} {e.reason}", file=sys.stderr, flush=True)
+        return error_response(e.status if 400 <= e.status < 500 else 502, f"Kubernetes API: {e.reason}",
+                              "invalid_request_error" if e.status < 500 else "server_error")
+    except StorageError as e:
+        print(f"{request.method} {request.path}: storage: {type(e).__name__}", file=sys.stderr, flush=True)
+        return error_response(502, "object storage is unavailable; retry later", "server_error")
+    except Exception as e:
+        print(f"{request.method} {request.path} failed: {type(e).__name__}", file=sys.stderr, flush=True)
+        return error_response(500, f"internal error ({type(e).__name__})", "server_error")
+
+
+class Api:
+    def __init__(self, settings: J.ApiSettings, kube, access: Access):
+        self.settings, self.kube, self.access = settings, kube, access
+        storage = Storage.model_validate({k: v for k, v in settings.storage.items() if k != "credentialsSecret"})
+        self.storage = storage
+        self.files = FileStore(settings.files_uri, storage)
+
+    # --- who is asking -----------------------------------------------------------------------
+
+    async def caller(self, request: web.Request, verb: str) -> str:
+        """The namespace the caller acts in, once they may ``verb`` finetunejobs there."""
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        user = await asyncio.to_thread(self.access.user, token) if token else None
+        if user is None:
+            raise RequestError(401, "Incorrect API key provided: use a Kubernetes token (a ServiceAccount's or "
+                               "your own)", code="invalid_api_key")
+        namespace = request.headers.get("OpenAI-Project") or user.home_namespace or self.settings.default_namespace
+        if not NAMESPACE.match(namespace) or len(namespace) > 63:
+            raise RequestError(400, "OpenAI-Project must be a Kubernetes namespace name", "project")
+        if not await asyncio.to_thread(self.access.allowed, user, verb, namespace):
+            raise RequestError(403, f"You may not {verb} fine-tuning jobs in project (namespace) {namespace!r}",
+                               code="insufficient_permissions", kind="permission_error")
+        return namespace
+
+    # --- Kubernetes calls --------------------------------------------------------------------
+
+    def _ftj(self, namespace: str, name: str) -> dict:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.kube.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                raise RequestError(404, f"No fine-tuning job found with id {name}", "fine_tuning_job_id",
+                                   "not_found") from None
+            raise
+
+    def _ftjs(self, namespace: str) -> list[dict]:
+        items = self.kube.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)["items"]
+        return sorted(items, key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["name"]),
+                      reverse=True)
+
+    def _patch(self, namespace: str, name: str, body: dict) -> dict:
+        return self.kube.custom.patch_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name, body)
+
+    def _events(self, namespace: str, name: str) -> list[dict]:
+        found = self.kube.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind=FineTuneJob,involvedObject.name={name}")
+        return [self.kube._dict(e) for e in found.items]
+
+    def _metric_rows(self, ftj: dict) -> list[dict]:
+        output = ftj["spec"].get("output", {}).get("uri")
+        if not output:
+            return []
+        try:
+            raw = store_for(output, self.storage).read_bytes(join(output, "metrics.csv"))
+        except StorageError:  # not written yet (or gone): the events have no metrics yet
+            return []
+        return list(csv.DictReader(io.StringIO(raw.decode())))
+
+    def _file(self, namespace: str, file_id: str) -> dict:
+        record = self.files.get(namespace, file_id)
+        if record is None:
+            raise RequestError(404, f"No such File object: {file_id}", "id", "not_found")
+        return record
+
+    # --- files -------------------------------------------------------------------------------
+
+    async def upload(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "create")
+        fields: dict = {}
+        reader = await request.multipart()
+        async for part in reader:
+            if part.name == "file":
+                fields["filename"] = part.filename or "upload.jsonl"
+                fields["file"] = await part.read(decode=False)
+            elif part.name:
+                fields[part.name] = await part.text()
+        if "file" not in fields:
+            raise RequestError(400, "file is required (multipart/form-data)", "file")
+        if fields.get("purpose") != "fine-tune":
+            raise RequestError(400, "purpose must be 'fine-tune': this server keeps training files only", "purpose")
+        record = await asyncio.to_thread(self.files.create, namespace, fields["filename"], "fine-tune", fields["file"])
+        return web.json_response(public(record))
+
+    async def list_files(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "list")
+        records = [public(r) for r in await asyncio.to_thread(self.files.list, namespace)
+                   if request.query.get("purpose") in (None, r["purpose"])]
+        return web.json_response(J.page(records, request.query.get("after"), request.query.get("limit", "100")))
+
+    async def get_file(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "get")
+        return web.json_response(public(await asyncio.to_thread(self._file, namespace, request.match_info["id"])))
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "get")
+        record = await asyncio.to_thread(self._file, namespace, request.match_info["id"])
+        body = await asyncio.to_thread(self.files.content, record)
+        return web.Response(body=body, content_type="application/octet-stream")
+
+    async def delete_file(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "delete")
+        file_id = request.match_info["id"]
+        await asyncio.to_thread(self._file, namespace, file_id)
+        await asyncio.to_thread(self.files.delete, namespace, file_id)
+        return web.json_response({"id": file_id, "object": "file", "deleted": True})
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    async def create_job(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "create")
+        body = await _json(request)
+        files = {}
+        for key in ("training_file", "validation_file"):
+            file_id = body.get(key) if isinstance(body, dict) else None
+            record = await asyncio.to_thread(self.files.get, namespace, file_id) if isinstance(file_id, str) else None
+            if record:
+                files[file_id] = record
+        doc = J.job_document(body, J.new_job_name(), namespace, files, self.settings)
+        created = await asyncio.to_thread(self.kube.custom.create_namespaced_custom_object,
+                                          API_GROUP, API_VERSION, namespace, PLURAL, doc)
+        return web.json_response(J.job_object(created))
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "list")
+        items = [J.job_object(o) for o in await asyncio.to_thread(self._ftjs, namespace)]
+        return web.json_response(J.page(items, request.query.get("after"), request.query.get("limit")))
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "get")
+        return web.json_response(J.job_object(await asyncio.to_thread(self._ftj, namespace, request.match_info["id"])))
+
+    async def job_action(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "patch")
+        name, action = request.match_info["id"], request.match_info["action"]
+        ftj = await asyncio.to_thread(self._ftj, namespace, name)
+        state = J.openai_status(ftj)
+        if state in ("succeeded", "failed", "cancelled"):
+            raise RequestError(400, f"Job {name} has already {'been ' if state == 'cancelled' else ''}{state}",
+                               code="invalid_state")
+        if action == "resume" and state != "paused":
+            raise RequestError(400, f"Job {name} is {state}, not paused", code="invalid_state")
+        if action == "pause" and state == "paused":
+            raise RequestError(400, f"Job {name} is already paused", code="invalid_state")
+        patch: dict = {"spec": {"suspend": action != "resume"}}
+        if action == "cancel":
+            patch["metadata"] = {"annotations": {J.CANCELLED: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+        return web.json_response(J.job_object(await asyncio.to_thread(self._patch, namespace, name, patch)))
+
+    async def job_events(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "get")
+        name = request.match_info["id"]
+        ftj = await asyncio.to_thread(self._ftj, namespace, name)
+        kube_events, rows = await asyncio.gather(asyncio.to_thread(self._events, namespace, name),
+                                                 asyncio.to_thread(self._metric_rows, ftj))
+        events = J.event_objects(ftj, kube_events, rows)
+        return web.json_response(J.page(events, request.query.get("after"), request.query.get("limit")))
+
+    async def job_checkpoints(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "get")
+        ftj = await asyncio.to_thread(self._ftj, namespace, request.match_info["id"])
+        found = J.checkpoint_objects(ftj)
+        return web.json_response(J.page(found, request.query.get("after"), request.query.get("limit", 10)))
+
+    # --- inference ---------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        namespace = await self.caller(request, "get")
+        body = await _json(request)
+        model = body.get("model") if isinstance(body, dict) else None
+        parsed = J.parse_model(model) if isinstance(model, str) else None
+        if not parsed or parsed[0] != namespace:
+            raise RequestError(404, f"The model {model!r} does not exist in project {namespace!r}; use a "
+                               "fine_tuned_model of a succeeded job", "model", "model_not_found")
+        ftj = await asyncio.to_thread(self._ftj, namespace, parsed[1])
+        endpoint = (ftj.get("status") or {}).get("endpoint")
+        if parsed[2] or not endpoint:
+            raise RequestError(404, f"The model {model!r} is not being served"
+                               + (" (only the served checkpoint answers: spec.serve.checkpoint)" if parsed[2] else
+                                  f" (the job is {J.openai_status(ftj)}; spec.serve.enabled serves it)"),
+                               "model", "model_not_found")
+        forward = {k: v for k, v in body.items() if k != "model"}
+        session: ClientSession = request.app["session"]
+        async with session.post(f"{endpoint.rstrip('/')}/chat/completions", json=forward) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                "Content-Type": upstream.headers.get("Content-Type", "application/json")})
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        namespace = await self.caller(request, "list")
+        data = []
+        for o in await asyncio.to_thread(self._ftjs, namespace):
+            job = J.job_object(o)
+            if job["fine_tuned_model"] and (o.get("status") or {}).get("endpoint"):
+                data.append({"id": job["fine_tuned_model"], "object": "model", "created": job["finished_at"] or
+                             job["created_at"], "owned_by": namespace})
+        return web.json_response({"object": "list", "data": data})
+
+
+async def _json(request: web.Request) -> object:
+    try:
+        return await request.json()
+    except ValueError:
+        raise RequestError(400, "the request body is not valid JSON") from None
+
+
+def make_app(settings: J.ApiSettings, kube=None, access: Access | None = None) -> web.Application:
+    if kube is None:
+        from kubetune.operator.kube import Kube
+
+        kube = Kube()
+    api = Api(settings, kube, access or Access(kube))
+    app = web.Application(middlewares=[api_errors], client_max_size=MAX_UPLOAD)
+
+    async def session(app: web.Application):
+        app["session"] = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10, sock_read=600))
+        yield
+        await app["session"].close()
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app.cleanup_ctx.append(session)
+    jobs = "/v1/fine_tuning/jobs"
+    app.add_routes([
+        web.post("/v1/files", api.upload), web.get("/v1/files", api.list_files),
+        web.get("/v1/files/{id}", api.get_file), web.delete("/v1/files/{id}", api.delete_file),
+        web.get("/v1/files/{id}/content", api.file_content),
+        web.post(jobs, api.create_job), web.get(jobs, api.list_jobs), web.get(jobs + "/{id}", api.get_job),
+        web.post(jobs + "/{id}/{action:cancel|pause|resume}", api.job_action),
+        web.get(jobs + "/{id}/events", api.job_events), web.get(jobs + "/{id}/checkpoints", api.job_checkpoints),
+        web.post("/v1/chat/completions", api.chat), web.get("/v1/models", api.models),
+        web.get("/healthz", healthz),
+    ])
+    return app
+
+
+def serve_api(settings: J.ApiSettings, host: str, port: int) -> None:
+    print(f"kubetune api on http://{host}:{port}/v1 (files in {settings.files_uri})", flush=True)
+    web.run_app(make_app(settings), host=host, port=port, print=None)
