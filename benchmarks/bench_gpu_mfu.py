@@ -1,6 +1,10 @@
 """GPU model FLOPs utilization of a full fine-tune: bf16, DeepSpeed ZeRO-2, one GPU, kubetune's attention.
 
-    torchrun --nproc-per-node=1 benchmarks/bench_gpu_mfu.py [--preset 1b] [--seq 2048] [--micro 8]
+    torchrun --nproc-per-node=1 benchmarks/bench_gpu_mfu.py [--preset 1b|3b] [--seq 2048|4096] [--micro 8]
+        [--attention auto|flex|loop]
+
+The packed rows go through kubetune's attention: ``auto`` is the fused FlexAttention kernel on a GPU
+(document-causal BlockMask), ``loop`` the per-document fallback, to compare.
 
 Builds a from-config Llama (no hub needed), trains on random packed rows (4 documents per row, so
 the document-wise attention path is exercised), and prints tokens/s and MFU against the GPU's
@@ -11,6 +15,7 @@ dense bf16 peak. FLOPs per token = 6 * parameters + 12 * layers * hidden * mean 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -44,7 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (bigger models)")
+    parser.add_argument("--attention", default="auto", choices=attention.KERNELS)
     args = parser.parse_args()
+    os.environ["KUBETUNE_ATTENTION"] = args.attention
 
     deepspeed.init_distributed()
     hidden, inter, layers, heads, kv = PRESETS[args.preset]
@@ -83,7 +90,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     tokens_per_s = (args.steps - warmup) * args.micro * args.seq / seconds
     mfu = tokens_per_s * flops_per_token / (peak * 1e12)
+    kernel = attention.kernel_for(torch.empty(0, device="cuda"), 0.0)
     print(f"{torch.cuda.get_device_name()}: {params / 1e9:.2f}B params, seq {args.seq}, micro batch {args.micro}, "
+          f"attention {kernel}, "
           f"memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print(f"tokens/s {tokens_per_s:,.0f}   model TFLOP/s {tokens_per_s * flops_per_token / 1e12:.1f}   "
           f"MFU {mfu:.1%} of {peak:.0f} TFLOP/s dense bf16")

@@ -46,8 +46,11 @@ def test_warmup_then_cosine_to_zero():
     assert f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_packed_documents_do_not_see_each_other():
-    """Logits of a packed row equal those of each document run alone (document-wise attention)."""
+@pytest.mark.parametrize("kernel", ["loop", "flex"])
+def test_packed_documents_do_not_see_each_other(kernel, monkeypatch):
+    """Logits of a packed row equal those of each document run alone (document-wise attention), with
+    either kernel (FlexAttention runs forward only on CPU: its eager reference implementation)."""
+    monkeypatch.setenv("KUBETUNE_ATTENTION", kernel)
     from transformers import LlamaForCausalLM
 
     class Tok:

@@ -1,22 +1,44 @@
-"""Document-wise causal attention for packed rows: "varlen" attention without flash-attn.
+"""Document-wise causal attention for packed rows: every document attends only to itself.
 
-A packed row holds several documents. Instead of one (L x L) attention with a block-diagonal mask
-(which still computes every masked block), each document gets its own causal
-``scaled_dot_product_attention`` on its slice, so the cost is sum(len^2) rather than L^2, the fast
-``is_causal`` kernels apply, and documents cannot see each other by construction. Padding after
-the last document gets zeros (its outputs never reach the loss).
+Two kernels, chosen per call (``KUBETUNE_ATTENTION=auto|flex|loop``, default auto):
 
-It is registered with transformers' AttentionInterface and receives the row layout as the
-``doc_lens`` keyword that the model forwards to its attention layers. Without ``doc_lens``
-(generation, evaluation by other tools) it is plain causal sdpa.
+- **flex** (GPUs): one fused FlexAttention kernel for the whole batch, with a document-causal
+  ``BlockMask`` built once per forward pass (the layers share it), so blocks across documents are
+  skipped, not computed and masked. PyTorch's FlexAttention has no backward on CPU, so auto uses it
+  only on CUDA (on CPU it may be forced for inference).
+- **loop** (CPU, and the fallback with attention dropout): each document gets its own causal
+  ``scaled_dot_product_attention`` on its slice. The cost is sum(len^2), not L^2, and on CPU the
+  per-call overhead is small next to the math (measured: a 4 x 512 batch of 18 documents, forward and
+  backward, 21 ms looped against 112 ms for one padded call); on a GPU it is thousands of tiny kernels.
+
+Padding after the last document gives zeros (loop) or attends among itself (flex); its outputs never
+reach the loss. Registered with transformers' AttentionInterface, the layout arrives as the
+``doc_lens`` keyword the model forwards to its attention layers; without it (generation, other
+tools) this is plain causal sdpa.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 NAME = "kubetune_packed"
+KERNELS = ("auto", "flex", "loop")
+_compiled_flex = None
+_mask_cache: dict = {}  # the last forward pass's BlockMask, shared by its layers
+
+
+def kernel_for(query: torch.Tensor, dropout: float) -> str:
+    chosen = os.environ.get("KUBETUNE_ATTENTION", "auto")
+    if chosen not in KERNELS:
+        raise ValueError(f"KUBETUNE_ATTENTION={chosen!r}: expected one of {', '.join(KERNELS)}")
+    if dropout:  # FlexAttention has no dropout
+        return "loop"
+    if chosen == "auto":
+        return "flex" if query.is_cuda else "loop"
+    return chosen
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, doc_lens=None, **kwargs):
@@ -26,7 +48,14 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if doc_lens is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=query.shape[2] > 1,
                                              scale=scaling, dropout_p=p, enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
+    elif kernel_for(query, p) == "flex":
+        out = _flex(query, key, value, doc_lens, scaling, gqa)
+    else:
+        out = _loop(query, key, value, doc_lens, scaling, p, gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _loop(query, key, value, doc_lens, scaling, p, gqa):
     rows = []
     length = query.shape[2]
     for b, lens in enumerate(doc_lens):
@@ -40,7 +69,45 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         if start < length:
             parts.append(query.new_zeros(1, query.shape[1], length - start, query.shape[3]))
         rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0)
+
+
+def document_ids(doc_lens, length: int, device) -> torch.Tensor:
+    """(batch, length): each token's document index in its row; -1 for padding."""
+    ids = torch.full((len(doc_lens), length), -1, dtype=torch.int32)
+    for b, lens in enumerate(doc_lens):
+        start = 0
+        for i, n in enumerate(lens):
+            ids[b, start : start + n] = i
+            start += n
+    return ids.to(device)
+
+
+def block_mask(doc_lens, length: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (tuple(tuple(int(n) for n in lens) for lens in doc_lens), length, str(device))
+    if key not in _mask_cache:
+        ids = document_ids(doc_lens, length, device)
+
+        def document_causal(b, h, q, k):
+            return (ids[b, q] == ids[b, k]) & (q >= k)
+
+        _mask_cache.clear()
+        _mask_cache[key] = create_block_mask(document_causal, len(doc_lens), None, length, length, device=device)
+    return _mask_cache[key]
+
+
+def _flex(query, key, value, doc_lens, scaling, gqa):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = block_mask(doc_lens, query.shape[2], query.device)
+    if not query.is_cuda:  # the eager reference implementation (CPU inference only)
+        return flex_attention(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
+    if _compiled_flex is None:  # uncompiled, flex_attention materializes the scores: compile once
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
 
 
 def register() -> str:
