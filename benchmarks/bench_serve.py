@@ -1,9 +1,11 @@
 """Serving latency and throughput of `kubetune serve`, measured with the official openai client.
 
-    .venv/bin/python benchmarks/bench_serve.py MODEL_DIR [--requests 20] [--concurrency 4] [--max-tokens 64]
+    .venv/bin/python benchmarks/bench_serve.py MODEL_DIR [--requests 24] [--clients 1 4 8] [--max-tokens 64]
 
-Time to first token and to the full reply for sequential streamed requests, then throughput
-(requests/s and generated tokens/s) with several clients at once. Greedy decoding, fixed prompts.
+For each server setting (``--max-batch 1``: one generation at a time, as before continuous batching;
+``--max-batch 8``: continuous batching), time to first token for sequential streamed requests, then
+throughput (requests/s, generated tokens/s) and first-token p50 with 1, 4 and 8 clients at once.
+Greedy decoding, fixed prompts; one table at the end.
 """
 
 from __future__ import annotations
@@ -22,61 +24,72 @@ PROMPTS = ["How do I export all my notes?", "I was charged twice this month.", "
            "How do I turn on two-factor authentication?", "How can I share a notebook with my team?"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model")
-    parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    args = parser.parse_args()
+def measure(model_dir: str, max_batch: int, clients: list[int], requests: int, max_tokens: int) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", args.model, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", model_dir, "--port", str(port),
+                               "--max-batch", str(max_batch), "--max-queue", "64"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
     try:
         while True:
             try:
                 model = client.models.list().data[0].id
                 break
             except openai.APIConnectionError:
+                assert server.poll() is None, "the server did not start"
                 time.sleep(0.5)
 
-        def ask(i: int, stream: bool):
+        def ask(i: int):
             start = time.perf_counter()
-            kwargs = dict(model=model, max_tokens=args.max_tokens, temperature=0,
-                          messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-            if not stream:
-                reply = client.chat.completions.create(**kwargs)
-                return time.perf_counter() - start, None, reply.usage.completion_tokens
             first, tokens = None, 0
-            for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+            for chunk in client.chat.completions.create(
+                    model=model, max_tokens=max_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True},
+                    messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]):
                 if chunk.choices and chunk.choices[0].delta.content and first is None:
                     first = time.perf_counter() - start
                 if chunk.usage:
                     tokens = chunk.usage.completion_tokens
-            return time.perf_counter() - start, first, tokens
+            return time.perf_counter() - start, first if first is not None else time.perf_counter() - start, tokens
 
-        ask(0, True)  # warm-up
-        runs = [ask(i, True) for i in range(args.requests)]
-        firsts = sorted(r[1] for r in runs if r[1] is not None)
-        totals = sorted(r[0] for r in runs)
-        tokens = sum(r[2] for r in runs)
-        print(f"sequential, streamed, {args.requests} requests, <= {args.max_tokens} tokens each:")
-        print(f"  first token  p50 {statistics.median(firsts) * 1000:6.0f} ms   p90 {firsts[int(0.9 * len(firsts))] * 1000:6.0f} ms")
-        print(f"  full reply   p50 {statistics.median(totals) * 1000:6.0f} ms   p90 {totals[int(0.9 * len(totals))] * 1000:6.0f} ms"
-              f"   ({tokens / sum(totals):.0f} generated tokens/s)")
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            results = list(pool.map(lambda i: ask(i, False), range(args.requests)))
-        elapsed = time.perf_counter() - start
-        print(f"{args.concurrency} concurrent clients: {args.requests / elapsed:.2f} requests/s, "
-              f"{sum(r[2] for r in results) / elapsed:.0f} generated tokens/s, mean latency "
-              f"{statistics.mean(r[0] for r in results) * 1000:.0f} ms")
+        ask(0)  # warm-up
+        rows = []
+        for n in clients:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                results = list(pool.map(ask, range(requests)))
+            elapsed = time.perf_counter() - start
+            rows.append({"max_batch": max_batch, "clients": n, "requests_per_s": requests / elapsed,
+                         "tokens_per_s": sum(r[2] for r in results) / elapsed,
+                         "first_token_p50_ms": statistics.median(r[1] for r in results) * 1000,
+                         "latency_p50_ms": statistics.median(r[0] for r in results) * 1000})
+            print(f"max-batch {max_batch}, {n} client(s): {rows[-1]['tokens_per_s']:.0f} tokens/s, "
+                  f"first token p50 {rows[-1]['first_token_p50_ms']:.0f} ms", flush=True)
+        return rows
     finally:
         server.terminate()
         server.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    rows = [r for batch in (1, 8) for r in measure(args.model, batch, args.clients, args.requests, args.max_tokens)]
+    base = {r["clients"]: r for r in rows if r["max_batch"] == 1}
+    print(f"\n{args.requests} streamed requests per row, <= {args.max_tokens} tokens each, greedy")
+    print("| server | clients | requests/s | generated tokens/s | vs one at a time | first token p50 | vs one at a time |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        b = base[r["clients"]]
+        print(f"| max-batch {r['max_batch']} | {r['clients']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x | {r['first_token_p50_ms']:.0f} ms | "
+              f"{r['first_token_p50_ms'] / b['first_token_p50_ms']:.2f}x |")
 
 
 if __name__ == "__main__":

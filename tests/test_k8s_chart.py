@@ -40,6 +40,21 @@ def test_helm_lint_and_template_are_clean(control_plane, values):
         assert any(d["kind"] == "Service" and d["metadata"]["name"] == "kubetune-s3" for d in docs)
 
 
+def test_api_server_renders_with_least_privilege(control_plane):
+    on = ["--set", "api.enabled=true", "--set", "api.filesUri=s3://b/files/", "--set", "api.outputsUri=s3://b/jobs/"]
+    assert "0 chart(s) failed" in control_plane.helm("lint", "--strict", str(CHART), *on).stdout
+    docs = [d for d in yaml.safe_load_all(control_plane.helm("template", "kt", str(CHART), *on).stdout) if d]
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "kt-api")
+    verbs = {(r["apiGroups"][0], r["resources"][0]): set(r["verbs"]) for r in role["rules"]}
+    assert verbs == {("authentication.k8s.io", "tokenreviews"): {"create"},
+                     ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
+                     ("kubetune.dev", "finetunejobs"): {"get", "list", "create", "patch"}, ("", "events"): {"list"}}
+    config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
+    assert config["filesUri"] == "s3://b/files/" and config["jobDefaults"] == {"serve": {"enabled": True}}
+    missing = control_plane.helm("template", "kt", str(CHART), "--set", "api.enabled=true", check=False)
+    assert missing.returncode != 0 and "filesUri" in missing.stderr  # enabled without storage: refused
+
+
 def test_values_schema_rejects_bad_values(control_plane):
     run = control_plane.helm("template", "kubetune", str(CHART), "--set", "replicas=0", check=False)
     assert run.returncode != 0 and "replicas" in run.stderr
