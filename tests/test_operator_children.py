@@ -74,6 +74,13 @@ def test_prepare_job_is_one_cpu_pod():
     c = j["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["kubetune", "prepare", "/etc/kubetune/job.yaml"]
     assert "limits" not in c["resources"] and j["spec"].get("completions") is None
+    assert c["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}  # the GPUs are for training only
+
+
+def test_prepare_pod_requests_come_from_the_spec():
+    job = _job(resources={"prepare": {"memory": "24Gi", "cpu": "4"}})
+    c = children.prepare_job(job, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["requests"] == {"cpu": "4", "memory": "24Gi"}
 
 
 def test_conditions_keep_transition_time_until_status_flips():

@@ -39,8 +39,8 @@ IMAGE = r"^\S+$"  # container images: no whitespace
 TOLERATION_KEY = f"^({LABEL_KEY[1:-1]})?$"  # empty: every taint (with operator: Exists)
 DURATION = r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"  # Go's time.Duration form, as kubectl and Kueue write them: 30m, 1h30m, 90s
 CHECKPOINT_REF = r"^(last|best|step-[0-9]+)$"
-VALIDATION_METRICS = ("valid_loss", "valid_perplexity", "valid_mean_token_accuracy")
-ValidationMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy"]
+VALIDATION_METRICS = ("valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy")
+ValidationMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy"]
 Uri = Annotated[str, Field(min_length=1, max_length=4096)]
 Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
 
@@ -145,6 +145,15 @@ class EarlyStopping(_Model):
     min_delta: float = Field(0.0, ge=0, description="The least change that counts as an improvement.")
 
 
+class Dpo(_Model):
+    """Direct Preference Optimization settings (objective: dpo only)."""
+
+    beta: float = Field(0.1, gt=0, le=10, description="DPO temperature, OpenAI's hyperparameter name: how far the "
+                        "model may move from the base model (lower: further).")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of a supervised loss on the preferred answer added to "
+                              "the DPO loss.")
+
+
 class Training(_Model):
     """Fine-tuning hyperparameters."""
 
@@ -153,6 +162,9 @@ class Training(_Model):
         "message": "lora settings are only allowed with method: lora"}]})
 
     method: Literal["lora", "full"] = Field("lora", description="lora trains adapters; full trains every weight.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: supervised fine-tuning on assistant turns; dpo: Direct Preference Optimization on "
+        "preferred/non-preferred answer pairs.")
     epochs: int = Field(3, ge=1, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default 2e-4 for lora, 2e-5 for full.")
@@ -172,9 +184,11 @@ class Training(_Model):
         "30m", pattern=DURATION, max_length=32, description="An attempt whose trainer has not finished a step for "
         "this long (e.g. 30m, 1h, 90s) is stopped and counted as failed; the next attempt resumes from the latest checkpoint.")
     best_metric: ValidationMetric = Field(
-        "valid_loss", description="The validation metric that marks the best checkpoint (and early stopping watches).")
+        "valid_loss", description="The validation metric that marks the best checkpoint (and early stopping watches); "
+        "valid_pref_accuracy with objective: dpo only.")
     early_stopping: EarlyStopping | None = Field(None, description="Stop when the validation metric stops improving.")
     lora: Lora | None = Field(None, description="LoRA settings; defaults apply when method is lora.")
+    dpo: Dpo | None = Field(None, description="DPO settings; defaults apply when objective is dpo.")
 
     @model_validator(mode="after")
     def _method_defaults(self) -> Training:
@@ -182,6 +196,8 @@ class Training(_Model):
             raise ValueError("lora settings are only allowed with method: lora")
         if self.method == "lora" and self.lora is None:
             self.lora = Lora()
+        if self.objective == "dpo" and self.dpo is None:
+            self.dpo = Dpo()
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATE[self.method]
         return self
@@ -220,6 +236,14 @@ class Toleration(_Model):
         return self
 
 
+class PrepareResources(_Model):
+    """The prepare pod's requests: it reads the whole dataset, cleans, deduplicates and tokenizes it in one process."""
+
+    cpu: Quantity = Field("1", description="CPU request of the prepare pod.")
+    memory: Quantity = Field("2Gi", description="Memory request of the prepare pod; preparation holds the dataset "
+                             "in memory, at over 100 times its size on disk for chat data.")
+
+
 class Resources(_Model):
     """Where training runs. gpusPerNode: 0 selects the CPU fallback."""
 
@@ -238,6 +262,7 @@ class Resources(_Model):
         None, max_length=64, description="Node selector for the pods.")
     tolerations: list[Toleration] | None = Field(None, max_length=64, description="Tolerations for the pods.")
     priority_class_name: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253, description="PriorityClass of the pods.")
+    prepare: PrepareResources = Field(default_factory=PrepareResources, description="Requests of the prepare pod.")
     termination_grace_period_seconds: int = Field(
         300, ge=10, le=86400, description="Seconds a pod has after SIGTERM (drain, eviction, suspend) to finish its "
         "step and write a checkpoint before it is killed.")
@@ -250,8 +275,8 @@ class Resources(_Model):
         return self
 
 
-GateMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "rouge_l", "bleu",
-                     "semantic_similarity", "repetition_rate", "distinct_1", "distinct_2", "empty_rate", "truncated_rate"]
+GateMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy", "rouge_l",
+                     "bleu", "semantic_similarity", "repetition_rate", "distinct_1", "distinct_2", "empty_rate", "truncated_rate"]
 
 
 class Gate(_Model):

@@ -3,6 +3,11 @@
 read → standardize → normalize → scrub PII → quality filters → exact dedup → near dedup →
 split → tokenize with the chat template → drop too long → pack → write.
 
+With ``training.objective: dpo`` the records are preference pairs (``kubetune.data.preference``): the
+prompt and both answers are cleaned and scrubbed, the preferred answer goes through every quality filter
+(the non-preferred one only must not be empty), dedup and the split see the prompt and both answers, and
+each pair becomes two documents of a packed row, chosen then rejected.
+
 Output layout under ``spec.output.uri``::
 
     data_report.json
@@ -28,10 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kubetune.errors import KubetuneError
-from kubetune.data.clean import conversation_text, normalize_text, quality_problem
+from kubetune.data.clean import clean_arguments, conversation_text, normalize_text, quality_problem
 from kubetune.data.dedup import NearDedup, exact_key
-from kubetune.data.formats import FormatError, standardize
+from kubetune.data.formats import FormatError, standardize, tools_of
 from kubetune.data.pii import Scrubber
+from kubetune.data.preference import pair_rows, standardize_pair, tokenize_pairs
 from kubetune.data.readers import BadLine, is_data_file, read_file
 from kubetune.data.tokenize import IGNORE, packed_rows, tokenize_batch
 from kubetune.models import load_tokenizer
@@ -53,6 +59,8 @@ class Example:
     where: str  # "file:line", for the report only
     split: str | None  # "validation" when it came from the validation file
     text: str = ""
+    tools: list | None = None  # the record's tools (OpenAI's shape), for tool-calling conversations
+    rejected: dict | None = None  # objective dpo: the non-preferred answer; ``messages`` ends with the preferred one
 
 
 @dataclass
@@ -100,10 +108,11 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
     # word's length (a 1 MB string without spaces took minutes), and text far beyond maxSeqLength
     # tokens is dropped as too long anyway, so each text is cut to a prefix that still covers it.
     cap = TOKENIZER_CHARS_PER_TOKEN * pre.max_seq_length
-    tokenizer = load_tokenizer(job, texts=(conversation_text(e.messages)[:cap] for e in train))
+    tokenizer = load_tokenizer(job, texts=(_text(e)[:cap] for e in train))
     shards, tokens = {}, {}
+    tokenize_and_pack = _tokenize_and_pack_pairs if spec.training.objective == "dpo" else _tokenize_and_pack
     for name, part in (("train", train), ("validation", valid)):
-        shards[name], tokens[name] = _tokenize_and_pack(tokenizer, part, pre.max_seq_length, pre.packing, report)
+        shards[name], tokens[name] = tokenize_and_pack(tokenizer, part, pre.max_seq_length, pre.packing, report)
     if not shards["train"]:
         raise PrepareError(f"no training examples left after tokenization (dropped: {_reasons(report.dropped)})")
     log(f"[prepare] tokenized and packed ({_elapsed(started)})")
@@ -121,6 +130,7 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
         "inputs": report.inputs,
         "max_seq_length": pre.max_seq_length,
         "packing": pre.packing,
+        "objective": spec.training.objective,
         "seconds": round(time.monotonic() - started, 2),
     }
     _write_outputs(job, tokenizer, shards, {"train": train, "validation": valid}, data_report)
@@ -146,27 +156,63 @@ def read_examples(job, uri, split, report, scrubber, log) -> list[Example]:
                 report.bad(item)
                 continue
             try:
-                messages = standardize(item.data, spec.dataset.format)
+                if spec.training.objective == "dpo":  # a preference pair: messages end with the preferred answer
+                    prompt, chosen, rejected, tools = standardize_pair(item.data)
+                    messages = prompt + [chosen]
+                else:
+                    messages, rejected = standardize(item.data, spec.dataset.format), None
+                    tools = tools_of(item.data, spec.dataset.format)
             except FormatError as e:
                 report.bad(BadLine(item.file, item.line, str(e)))
                 continue
             report.examples_in += 1
             example = _clean(messages, spec.preprocessing, scrubber, report)
+            if example is not None and rejected is not None:
+                rejected = _clean_rejected(example, rejected, spec.preprocessing, scrubber, report)
+                example = example if rejected is not None else None
             if example is not None:
-                out.append(Example(example, f"{item.file}:{item.line}", split))
+                out.append(Example(example, f"{item.file}:{item.line}", split, tools=tools, rejected=rejected))
         log(f"[prepare] read {n}/{len(data_files)} files of {uri} ({len(out)} examples so far)")
     return out
 
 
 def _clean(messages: list[dict], pre, scrubber: Scrubber, report: Report) -> list[dict] | None:
     for m in messages:
-        content = normalize_text(m["content"]) if pre.normalize else m["content"]
-        m["content"] = scrubber.scrub(content)
+        if m["content"] is not None:  # None: an assistant turn that only calls tools
+            content = normalize_text(m["content"]) if pre.normalize else m["content"]
+            m["content"] = scrubber.scrub(content)
+        for call in m.get("tool_calls") or ():
+            fn = call["function"]
+            fn["arguments"] = clean_arguments(fn["arguments"], normalize_text if pre.normalize else None, scrubber.scrub)
     problem = quality_problem(messages, pre.min_chars, pre.max_repetition)
     if problem:
         report.dropped[problem] += 1
         return None
     return messages
+
+
+def _clean_rejected(messages: list[dict], rejected: dict, pre, scrubber: Scrubber, report: Report) -> dict | None:
+    """The non-preferred answer of a pair whose prompt and preferred answer passed ``_clean``: normalized and
+    scrubbed the same way, but only dropped when empty or the same as the preferred one (no preference to
+    learn). A short or repetitive non-preferred answer is often exactly what the pair teaches against."""
+    if rejected["content"] is not None:
+        content = normalize_text(rejected["content"]) if pre.normalize else rejected["content"]
+        rejected["content"] = scrubber.scrub(content)
+    for call in rejected.get("tool_calls") or ():
+        fn = call["function"]
+        fn["arguments"] = clean_arguments(fn["arguments"], normalize_text if pre.normalize else None, scrubber.scrub)
+    problem = quality_problem([rejected], 0, 1.0)
+    if problem is None and conversation_text([rejected]) == conversation_text(messages[-1:]):
+        problem = "identical_answers"
+    if problem:
+        report.dropped[problem] += 1
+        return None
+    return rejected
+
+
+def _text(e: Example) -> str:
+    """The text of an example that dedup, the split and a trained tokenizer see: a pair's both answers."""
+    return conversation_text(e.messages + ([e.rejected] if e.rejected is not None else []))
 
 
 def _check_bad_fraction(report: Report, bad: int, limit: float) -> None:
@@ -182,7 +228,7 @@ def _check_bad_fraction(report: Report, bad: int, limit: float) -> None:
 def dedup(examples: list[Example], pre, seed: int, report: Report) -> tuple[list[Example], dict]:
     dup = {"exact": 0, "near": 0}
     for e in examples:
-        e.text = conversation_text(e.messages)
+        e.text = _text(e)
     if pre.dedup.exact:
         seen: set[bytes] = set()
         kept = []
@@ -223,7 +269,7 @@ def _split(examples: list[Example], fraction: float, seed: int, has_file: bool) 
 def _tokenize_and_pack(tokenizer, examples: list[Example], max_len: int, packing: bool, report: Report):
     kept = []
     # the tokenizer fails on an empty batch (IndexError), e.g. no validation example from one example
-    tokenized = tokenize_batch(tokenizer, [e.messages for e in examples]) if examples else []
+    tokenized = tokenize_batch(tokenizer, [e.messages for e in examples], [e.tools for e in examples]) if examples else []
     for e, t in zip(examples, tokenized):
         if t is None:
             report.dropped["template_mismatch"] += 1
@@ -249,6 +295,26 @@ def _tokenize_and_pack(tokenizer, examples: list[Example], max_len: int, packing
     return rows, stats
 
 
+def _tokenize_and_pack_pairs(tokenizer, examples: list[Example], max_len: int, packing: bool, report: Report):
+    """Preference pairs: both sides tokenized, pairs packed whole (``kubetune.data.preference``)."""
+    pairs = [(e.messages[:-1], e.messages[-1], e.rejected, e.tools) for e in examples]
+    kept, sides = tokenize_pairs(tokenizer, pairs, max_len, report.dropped)
+    examples[:] = [examples[i] for i in kept]  # the jsonl written later matches the shards
+    rows = pair_rows(sides, max_len, packing)
+    lengths = [len(t.input_ids) for pair in sides for t in pair]
+    total = sum(lengths)
+    stats = {
+        "examples": len(kept),  # pairs
+        "tokens": total,
+        "trained_tokens": sum(sum(1 for x in t.labels[1:] if x != IGNORE) for pair in sides for t in pair),
+        "mean_length": round(total / len(lengths), 1) if lengths else 0,
+        "max_length": max(lengths, default=0),
+        "rows": len(rows),
+        "packing_efficiency": round(total / (len(rows) * 2 * max_len), 3) if rows and packing else None,
+    }
+    return rows, stats
+
+
 def _write_outputs(job: FineTuneJob, tokenizer, shards: dict, splits: dict, data_report: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as tmp:
         out = Mirror(job.spec.output.uri, Path(tmp), job.spec.storage)
@@ -256,7 +322,7 @@ def _write_outputs(job: FineTuneJob, tokenizer, shards: dict, splits: dict, data
         prepared = root / "prepared"
         prepared.mkdir(parents=True, exist_ok=True)
         meta = {"max_seq_length": job.spec.preprocessing.max_seq_length, "packing": job.spec.preprocessing.packing,
-                "tokenizer": "tokenizer", "vocab_size": len(tokenizer)}
+                "tokenizer": "tokenizer", "vocab_size": len(tokenizer), "objective": job.spec.training.objective}
         for name, rows in shards.items():
             files = []
             for k in range(0, max(len(rows), 1), ROWS_PER_SHARD):
@@ -266,7 +332,8 @@ def _write_outputs(job: FineTuneJob, tokenizer, shards: dict, splits: dict, data
             meta[name] = {"rows": len(rows), "files": files}
             with open(prepared / f"{name}.jsonl", "wb") as f:
                 for e in splits[name]:
-                    f.write(orjson.dumps({"messages": e.messages}) + b"\n")
+                    f.write(orjson.dumps({"messages": e.messages, **({"tools": e.tools} if e.tools else {}),
+                                          **({"rejected": e.rejected} if e.rejected is not None else {})}) + b"\n")
         (prepared / "meta.json").write_text(json.dumps(meta, indent=2))
         tokenizer.save_pretrained(root / "tokenizer")
         (root / "data_report.json").write_text(json.dumps(data_report, indent=2))

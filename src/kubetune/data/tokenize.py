@@ -7,6 +7,12 @@ template that renders prefixes as prefixes (ChatML, Llama 3, Qwen, Mistral...). 
 inside a span keep their id as label; all others get -100. The turn's end-of-turn token is inside
 the span, so the model learns to stop.
 
+Tool calling: the record's tools go to the template (``tools=``) in every rendering, and messages keep
+their ``tool_calls`` (arguments parsed, as Hugging Face templates expect) and ``tool_call_id``. An
+assistant turn's tool calls are rendered inside its span, so they are trained; tool results, like
+prompts, are not. A template that cannot render a tool conversation (it fails, or leaves out a
+call's function name) makes it a template mismatch, not a failed preparation.
+
 Packing: best-fit decreasing into rows of ``max_seq_length``. Each row records its documents'
 lengths (``doc_lens``); the trainer turns them into per-document position ids and runs causal
 attention on each document's slice alone (``kubetune.packed.attention``), so a packed example never
@@ -19,6 +25,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
+from kubetune.data.formats import template_messages
 from kubetune.packed import IGNORE
 
 
@@ -32,39 +39,58 @@ class Tokenized:
     labels: list[int]
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
 
 
-def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its trained assistant turns."""
-    full = _render(tokenizer, messages)
+    calls = [c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()]
+    if not tools and not calls:
+        return _spans(tokenizer, messages, None)
+    try:  # a template without tool support may fail on a tool message or a null content
+        full, spans = _spans(tokenizer, messages, tools)
+    except TemplateError:
+        raise
+    except Exception as e:
+        raise TemplateError(f"chat template cannot render tool calling ({type(e).__name__})") from None
+    if not all(name in full for name in calls):
+        raise TemplateError("chat template leaves out tool calls")
+    return full, spans
+
+
+def _spans(tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[str, list[tuple[int, int]]]:
+    full = _render(tokenizer, messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or not m["weight"]:
             continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else _generation_prefix(tokenizer)
-        through = _render(tokenizer, messages[: i + 1])
+        before = (_render(tokenizer, messages[:i], generation_prompt=True, tools=tools) if i
+                  else _generation_prefix(tokenizer, tools))
+        through = _render(tokenizer, messages[: i + 1], tools=tools)
         if not full.startswith(before) or not full.startswith(through):
             raise TemplateError("chat template does not render conversation prefixes as prefixes")
         spans.append((len(before), len(through)))
     return full, spans
 
 
-def _generation_prefix(tokenizer) -> str:
+def _generation_prefix(tokenizer, tools: list[dict] | None = None) -> str:
     # A conversation that opens with the assistant (plain text): everything before its content.
     probe = "\u2063"
-    text = _render(tokenizer, [{"role": "assistant", "content": probe}])
+    text = _render(tokenizer, [{"role": "assistant", "content": probe}], tools=tools)
     return text[: text.index(probe)]
 
 
-def tokenize_batch(tokenizer, conversations: list[list[dict]]) -> list[Tokenized | None]:
-    """Tokenize conversations with assistant-only labels; None where the template misbehaves."""
+def tokenize_batch(tokenizer, conversations: list[list[dict]],
+                   tools: list[list[dict] | None] | None = None) -> list[Tokenized | None]:
+    """Tokenize conversations with assistant-only labels; None where the template misbehaves.
+    ``tools``: each conversation's tools (None for none), in the same order."""
+    tools = tools or [None] * len(conversations)
     rendered: list[tuple[str, list[tuple[int, int]]] | None] = []
-    for messages in conversations:
+    for messages, conversation_tools in zip(conversations, tools):
         try:
-            rendered.append(render_with_spans(tokenizer, messages))
+            rendered.append(render_with_spans(tokenizer, messages, conversation_tools))
         except TemplateError:
             rendered.append(None)
     texts = [r[0] if r else "" for r in rendered]

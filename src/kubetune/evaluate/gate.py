@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 from kubetune.spec import VALIDATION_METRICS, Gate
 
-LOWER_IS_BETTER = frozenset({"valid_loss", "valid_perplexity", "repetition_rate", "empty_rate", "truncated_rate"})
+LOWER_IS_BETTER = frozenset({"valid_loss", "valid_perplexity", "repetition_rate", "empty_rate", "truncated_rate",
+                             "valid_logp_rejected"})  # a DPO report's: the non-preferred answer should become less likely
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ the scores side by side, validation loss/perplexity/token accuracy of both on th
 shards, and a few prompts with both replies. Written as ``eval_report.json`` and
 ``eval_report.md`` in the output location, with the verdict of ``evaluation.gate``
 (``kubetune.evaluate.gate``) and of the train/serve parity check (``kubetune.evaluate.parity``) at
-the top. ``evaluate_after_training`` is the job's last step; it also writes ``lineage.json`` and the
+the top. For ``training.objective: dpo`` the validation metrics are the preference ones, on the validation
+pairs, with the base model as the DPO reference (``preference_validation``). ``evaluate_after_training`` is
+the job's last step; it also writes ``lineage.json`` and the
 model card (``kubetune.lineage``).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +25,7 @@ import orjson
 import torch
 
 from kubetune import lineage
+from kubetune.data.formats import template_messages
 from kubetune.evaluate import parity
 from kubetune.evaluate.gate import Verdict, better, combine
 from kubetune.evaluate.parity import Parity
@@ -33,24 +37,35 @@ from kubetune.train.progress import LocalSink, reporter_for
 SHOWN_SAMPLES = 5
 
 
-def held_out(conversations: list[list[dict]], samples: int, seed: int) -> list[tuple[list[dict], str]]:
-    """(prompt messages, reference reply) pairs from conversations that end with an assistant turn."""
+@dataclass
+class Prompt:
+    messages: list[dict]  # as chat templates take them (``formats.template_messages``)
+    tools: list[dict] | None = None
+
+    def render(self, tokenizer) -> str:
+        return tokenizer.apply_chat_template(self.messages, tools=self.tools, tokenize=False, add_generation_prompt=True)
+
+
+def held_out(records: list[dict], samples: int, seed: int) -> list[tuple[Prompt, str]]:
+    """(prompt, reference reply) pairs from validation records whose last written assistant reply has
+    something before it; a reply that only calls tools has no text to score, so an earlier one is used."""
     pairs = []
-    for messages in conversations:
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    for record in records:
+        messages = record["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("content")), default=None)
         if last:  # needs something before the reply to prompt with
-            pairs.append(([{"role": m["role"], "content": m["content"]} for m in messages[:last]], messages[last]["content"]))
+            pairs.append((Prompt(template_messages(messages[:last]), record.get("tools")), messages[last]["content"]))
     random.Random(seed).shuffle(pairs)
     return pairs[:samples]
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch: int = 8) -> list[tuple[str, bool]]:
+def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch: int = 8) -> list[tuple[str, bool]]:
     """Greedy replies and whether each was cut off at max_new_tokens."""
     tokenizer.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch]]
+        texts = [p.render(tokenizer) for p in prompts[i : i + batch]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -74,6 +89,34 @@ def validation(model, prepared: Path, pad_id: int) -> dict:
     return validation_metrics(totals)
 
 
+def preference_validation(models: dict, prepared: Path, pad_id: int, beta: float, sft_weight: float) -> dict:
+    """objective dpo: each model's pair metrics on the validation pairs (``kubetune.train.dpo``), as training
+    reports them, with the base model (``models["base"]``) as the reference. The base's implicit rewards are
+    then 0 by definition (preference accuracy 0, margin 0); valid_logp_accuracy, how often the chosen answer is
+    the likelier one, needs no reference and so compares the two."""
+    from kubetune.packed import attention
+    from kubetune.packed.rows import load_rows
+    from kubetune.train.dpo import Dpo, StoredReference
+
+    rows = load_rows(prepared, "validation")
+    previous = {name: model.config._attn_implementation for name, model in models.items()}
+    for model in models.values():
+        model.set_attn_implementation(attention.register())  # packed rows: attend within documents
+    base = models["base"]
+    reference = StoredReference.compute(base, {"validation": rows}, 4, pad_id, base.device)
+    objective = Dpo(beta, sft_weight, reference)
+    out = {name: objective.metrics(objective.totals(model, rows, list(range(len(rows))), 4, pad_id, model.device))
+           for name, model in models.items()}
+    for name, model in models.items():
+        model.set_attn_implementation(previous[name])
+    return out
+
+
+DPO_NOTE = ("DPO metrics take the base model as the reference, so its implicit rewards are 0 by definition "
+            "(preference accuracy 0, reward margin 0); valid_logp_accuracy (how often the preferred answer is the "
+            "likelier one) needs no reference and compares both models.")
+
+
 def _local_root(job: FineTuneJob, scratch: Path) -> Path:
     """A local folder with the job's model/, prepared/ and tokenizer/ (downloaded for s3:// outputs)."""
     out = Mirror(job.spec.output.uri, scratch, job.spec.storage)
@@ -86,16 +129,19 @@ def _local_root(job: FineTuneJob, scratch: Path) -> Path:
     return out.path
 
 
-def _conversations(root: Path) -> list[list[dict]]:
-    return [orjson.loads(line)["messages"] for line in
-            (root / "prepared" / "validation.jsonl").read_bytes().splitlines() if line.strip()]
+def _records(root: Path) -> list[dict]:
+    """The validation records: messages and, for tool-calling conversations, tools."""
+    return [orjson.loads(line) for line in (root / "prepared" / "validation.jsonl").read_bytes().splitlines() if line.strip()]
 
 
 def _parity(job: FineTuneJob, root: Path, log: Callable[[str], None]) -> Parity:
     """The train/serve parity check on one validation conversation and a few held-out prompts."""
-    conversations = _conversations(root)
-    trained = next((c for c in conversations if any(m["role"] == "assistant" and m.get("weight", 1) for m in c)), None)
-    prompts = [p for p, _ in held_out(conversations, parity.STOP_PROMPTS, job.spec.training.seed)]
+    # plain conversations only: the checks compare role/content renderings, which tool calls are not
+    plain = [r for r in _records(root) if not r.get("tools") and all(m["role"] in ("system", "user", "assistant")
+                                                                     and not m.get("tool_calls") for m in r["messages"])]
+    trained = next((r["messages"] for r in plain if any(m["role"] == "assistant" and m.get("weight", 1)
+                                                         for m in r["messages"])), None)
+    prompts = [p.messages for p, _ in held_out(plain, parity.STOP_PROMPTS, job.spec.training.seed)]
     result = parity.check(root, trained, prompts)
     log(f"[evaluate] {result.summary()}")
     return result
@@ -110,26 +156,31 @@ def _evaluate(job: FineTuneJob, root: Path, scratch: Path, log: Callable[[str], 
     ev = job.spec.evaluation
     model_dir = root / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pairs = held_out(_conversations(root), ev.samples, job.spec.training.seed)
+    pairs = held_out(_records(root), ev.samples, job.spec.training.seed)
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     source = None if job.spec.model.from_config else resolve_source(job, scratch / "base")
     models = {"base": load_model(job, tokenizer, source=source).to(device).eval(),
               "fine_tuned": AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()}
     results, replies, notes = {}, {}, []
+    t = job.spec.training
+    if t.objective == "dpo":  # the pair metrics need both models at once (the base is the reference)
+        valid = preference_validation(models, root, tokenizer.pad_token_id, t.dpo.beta, t.dpo.sft_weight)
+        notes.append(DPO_NOTE)
     for name, model in models.items():
         log(f"[evaluate] {name}: validation loss" + (f", generating {len(prompts)} replies" if prompts else ""))
         generated = generate(model, tokenizer, prompts, ev.max_new_tokens)
         replies[name] = [g[0] for g in generated]
         metrics, why = score(replies[name], references, [g[1] for g in generated]) if prompts else ({}, [])
-        results[name] = {**validation(model, root, tokenizer.pad_token_id), **metrics}
+        results[name] = {**(valid[name] if t.objective == "dpo" else validation(model, root, tokenizer.pad_token_id)),
+                         **metrics}
         notes += [n for n in why if n not in notes]
     return {
         "samples": len(prompts),
         "max_new_tokens": ev.max_new_tokens,
         "metrics": results,
         "notes": notes,
-        "examples": [{"prompt": p, "reference": r, "base": b, "fine_tuned": f}
+        "examples": [{"prompt": p.messages, "reference": r, "base": b, "fine_tuned": f}
                      for p, r, b, f in list(zip(prompts, references, replies["base"], replies["fine_tuned"]))[:SHOWN_SAMPLES]],
     }
 
@@ -228,7 +279,7 @@ def markdown(name: str, report: dict) -> str:
     lines += [f"\n_{note}_" for note in report["notes"]]
     lines += ["", "## Samples", ""]
     for i, ex in enumerate(report["examples"], 1):
-        question = ex["prompt"][-1]["content"] if ex["prompt"] else ""
+        question = (ex["prompt"][-1]["content"] or "") if ex["prompt"] else ""
         lines += [f"### {i}. {_quote(question)}", "", "| reference | base | fine-tuned |", "|---|---|---|",
                   f"| {_quote(ex['reference'])} | {_quote(ex['base'])} | {_quote(ex['fine_tuned'])} |", ""]
     return "\n".join(lines)

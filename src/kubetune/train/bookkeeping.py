@@ -18,7 +18,7 @@ from kubetune.status import Status
 from kubetune.storage import Mirror, join
 from kubetune.train import checkpoint
 from kubetune.train.distributed import rank0_decides
-from kubetune.train.metrics import EarlyStopping, MetricsLog
+from kubetune.train.metrics import EarlyStopping, MetricsLog, columns_for
 from kubetune.train.plan import BatchPlan
 from kubetune.train.progress import LocalSink, reporter_for
 
@@ -110,7 +110,7 @@ class Bookkeeper:
             # A resumed run may be on a new pod with an empty scratch: start from the metrics uploaded
             # with the checkpoint, else the rows before it would be lost from metrics.csv.
             self.metrics_dir.fetch("metrics.csv")
-        self.metrics_log = MetricsLog(self.metrics_dir.path, start)
+        self.metrics_log = MetricsLog(self.metrics_dir.path, start, columns_for(self.job.spec.training.objective))
         # The last progress record counts an attempt killed after its last checkpoint too.
         last = LocalSink(self.out, self.storage).last() or {}
         self.cost.before = max(marker.get("gpuHours") or 0.0, last.get("gpuHours") or 0.0)

@@ -12,13 +12,20 @@ from pathlib import Path
 
 COLUMNS = ["step", "epoch", "train_loss", "train_accuracy", "learning_rate", "tokens_per_second",
            "valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "batch"]
+# objective: dpo adds the preference metrics (kubetune.train.dpo) before the batch fingerprint
+DPO_COLUMNS = COLUMNS[:-1] + ["pref_accuracy", "reward_margin", "valid_pref_accuracy", "valid_reward_margin",
+                              "valid_logp_chosen", "valid_logp_rejected", "valid_logp_accuracy", "batch"]
+
+
+def columns_for(objective: str) -> list[str]:
+    return DPO_COLUMNS if objective == "dpo" else COLUMNS
 
 
 class MetricsLog:
-    def __init__(self, folder: Path, resume_step: int):
+    def __init__(self, folder: Path, resume_step: int, columns: list[str] = COLUMNS):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.folder = folder
+        self.folder, self.columns = folder, columns
         folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = folder / "metrics.csv"
         self.rows = [r for r in self._read() if int(r["step"]) <= resume_step]
@@ -34,16 +41,16 @@ class MetricsLog:
 
     def _rewrite(self) -> None:
         with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
 
     def log(self, row: dict) -> None:
-        row = {k: row.get(k, "") for k in COLUMNS}
+        row = {k: row.get(k, "") for k in self.columns}
         self.rows.append(row)
         with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=COLUMNS).writerow(row)
-        for key in COLUMNS[2:-1]:
+            csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+        for key in self.columns[2:-1]:
             if row[key] not in ("", None):
                 self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "valid")) else key,
                                    float(row[key]), int(row["step"]))
@@ -61,16 +68,30 @@ class MetricsLog:
             pts = [(int(r["step"]), float(r[key])) for r in self.rows if r.get(key) not in ("", None)]
             return [p[0] for p in pts], [p[1] for p in pts]
 
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+        dpo = "valid_pref_accuracy" in self.columns
+        fig, axes = plt.subplots(1, 3 if dpo else 2, figsize=(16 if dpo else 11, 4))
+        ax_loss, ax_acc = axes[:2]
         for key, style in (("train_loss", "-"), ("valid_loss", "o-")):
             ax_loss.plot(*series(key), style, label=key.replace("_", " "))
         for key, style in (("train_accuracy", "-"), ("valid_mean_token_accuracy", "o-")):
             ax_acc.plot(*series(key), style, label=key.replace("_", " "))
-        ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
-        ax_acc.set(xlabel="step", ylabel="token accuracy", title="Assistant-token accuracy")
-        for ax in (ax_loss, ax_acc):
+        ax_loss.set(xlabel="step", ylabel="DPO loss (per pair)" if dpo else "loss (nats/token)", title="Loss")
+        ax_acc.set(xlabel="step", ylabel="token accuracy",
+                   title="Preferred-answer token accuracy" if dpo else "Assistant-token accuracy")
+        if dpo:  # preference accuracy (chosen's implicit reward above rejected's) and the mean reward margin
+            ax_pref = axes[2]
+            for key, style in (("pref_accuracy", "-"), ("valid_pref_accuracy", "o-")):
+                ax_pref.plot(*series(key), style, label=key.replace("_", " "))
+            ax_margin = ax_pref.twinx()
+            for key, style in (("reward_margin", "--"), ("valid_reward_margin", "s--")):
+                ax_margin.plot(*series(key), style, color="tab:green" if key.startswith("valid") else "tab:olive",
+                               label=key.replace("_", " "))
+            ax_pref.set(xlabel="step", ylabel="preference accuracy", title="Preferences (DPO)", ylim=(-0.02, 1.02))
+            ax_margin.set(ylabel="reward margin")
+            ax_margin.legend(loc="lower right")
+        for ax in axes:
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(loc="center right" if ax is axes[-1] and dpo else "best")
         fig.tight_layout()
         path = self.folder / "loss_curve.png"
         fig.savefig(path, dpi=110)
@@ -82,8 +103,8 @@ class MetricsLog:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Token accuracy rises as a model gets better; losses and perplexity fall."""
-    return metric == "valid_mean_token_accuracy"
+    """Token and preference accuracy rise as a model gets better; losses and perplexity fall."""
+    return metric in ("valid_mean_token_accuracy", "valid_pref_accuracy")
 
 
 def improves(metric: str, value: float, best: float | None, min_delta: float = 0.0) -> bool:

@@ -7,6 +7,7 @@ Evaluation is not part of it: the job runner starts it once these processes have
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -23,7 +24,7 @@ from kubetune.models import build_model, resolve_source
 from kubetune.packed.rows import Rows, collate, load_rows, to_device, token_stats, validation_metrics, validation_totals
 from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import Mirror
-from kubetune.train import extensions
+from kubetune.train import dpo, extensions
 from kubetune.train.bookkeeping import Bookkeeper, Cost
 from kubetune.errors import KubetuneError
 from kubetune.train.distributed import Preemption, is_node_leader
@@ -71,13 +72,40 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def evaluate(engine, rows: Rows, rank: int, world: int, micro: int, pad_id: int) -> dict:
-    """Validation metrics on assistant tokens; each rank takes a slice, the totals are summed."""
+class Sft:
+    """Supervised fine-tuning: the mean next-token loss over every trained (assistant) token of the global batch.
+    (``kubetune.train.dpo.Dpo`` is the other objective, with the same methods.)"""
+
+    width = 3  # summed loss, correct predictions, trained tokens
+
+    def normalizer(self, rows: Rows, idx) -> int:
+        return rows.label_tokens(idx)
+
+    def micro_loss(self, engine, batch: dict, idx, label_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = batch.pop("labels")
+        loss_sum, correct, count = token_stats(engine(**batch).logits, labels)
+        return loss_sum / label_tokens, torch.tensor([loss_sum.item(), correct, count], dtype=torch.float64)
+
+    def step_metrics(self, totals: torch.Tensor) -> dict:
+        return {"train_loss": totals[0].item() / max(totals[2].item(), 1),
+                "train_accuracy": totals[1].item() / max(totals[2].item(), 1)}
+
+    def totals(self, model, rows: Rows, idx: list[int], micro: int, pad_id: int, device) -> torch.Tensor:
+        return validation_totals(model, rows, idx, micro, pad_id, device)
+
+    def metrics(self, totals: torch.Tensor) -> dict:
+        return validation_metrics(totals)
+
+
+def evaluate(run: Run) -> dict:
+    """Validation metrics (the objective's); each rank takes a slice of the rows, the totals are summed."""
+    engine, rows = run.engine, run.valid_rows
     engine.eval()
-    totals = validation_totals(engine, rows, list(range(rank, len(rows), world)), micro, pad_id, engine.device)
+    totals = run.objective.totals(engine, rows, list(range(run.rank, len(rows), run.world)), run.plan.micro,
+                                  run.tokenizer.pad_token_id, engine.device).to(engine.device)
     engine.train()
     dist.all_reduce(totals)
-    return validation_metrics(totals)
+    return run.objective.metrics(totals)
 
 
 def fetch_prepared(job: FineTuneJob, scratch: Path) -> Path:
@@ -107,11 +135,13 @@ class Run:
     scratch: Path
     rank: int
     world: int
+    objective: Sft | dpo.Dpo
 
     def describe(self) -> str:
         t, plan = self.job.spec.training, self.plan
         return (f"[train] {self.world} process(es) on {'GPU' if self.on_gpu else 'CPU'} ({self.dtype}), "
-                f"ZeRO-{t.zero_stage}, {t.method}; global batch {plan.global_batch} = {plan.micro} micro x "
+                f"ZeRO-{t.zero_stage}, {t.method}" + (f", DPO (beta {t.dpo.beta})" if t.objective == "dpo" else "")
+                + f"; global batch {plan.global_batch} = {plan.micro} micro x "
                 f"{plan.accum} accumulation x {self.world}; {plan.total_steps} steps "
                 f"({plan.steps_per_epoch} per epoch)")
 
@@ -132,6 +162,7 @@ def setup(job: FineTuneJob) -> Run:
 
     prepared = fetch_prepared(job, scratch)
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
+    check_objective(prepared, t.objective)
     train_rows, valid_rows = load_rows(prepared, "train"), load_rows(prepared, "validation")
     plan = make_plan(len(train_rows), t.global_batch_size, t.micro_batch_size, world, t.epochs, t.max_steps)
     source = None if spec.model.from_config else resolve_source(job, scratch / "base-model")
@@ -141,30 +172,40 @@ def setup(job: FineTuneJob) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.total_steps, t.warmup_ratio))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job, plan, bf16))
+    objective = Sft()
+    if t.objective == "dpo":  # here, before a checkpoint is loaded: the engine holds the base model's weights
+        reference = dpo.reference_for(t.method, engine, train_rows, valid_rows, plan.micro, tokenizer.pad_token_id)
+        objective = dpo.Dpo(t.dpo.beta, t.dpo.sft_weight, reference)
     return Run(job, engine, scheduler, tokenizer, train_rows, valid_rows, plan, source, dtype, on_gpu, scratch,
-               rank, world)
+               rank, world, objective)
+
+
+def check_objective(prepared: Path, objective: str) -> None:
+    """Preference pairs and conversations are prepared differently: the data must be prepared for this objective."""
+    found = json.loads((prepared / "prepared" / "meta.json").read_text()).get("objective", "sft")
+    if found != objective:
+        raise KubetuneError(f"the prepared data is for training.objective {found}, but the job's is {objective}; "
+                            "prepare the data again (kubetune prepare)")
 
 
 def train_step(run: Run, rows: np.ndarray, preemption: Preemption) -> tuple[dict, bool]:
     """One optimizer step on the global batch ``rows``: loss and accuracy over all its trained tokens,
     and whether any rank got SIGTERM by the step's end (reduced with them: no collective of its own)."""
-    engine, plan = run.engine, run.plan
-    label_tokens = run.train_rows.label_tokens(rows)
-    stats = torch.zeros(4, dtype=torch.float64)
+    engine, plan, objective = run.engine, run.plan, run.objective
+    norm = objective.normalizer(run.train_rows, rows)  # what the global batch's loss is a mean over
+    stats = torch.zeros(objective.width + 1, dtype=torch.float64)
     for micro_rows in rank_micro_batches(rows, plan, run.rank):
         batch = to_device(collate(run.train_rows, micro_rows, run.tokenizer.pad_token_id), engine.device)
-        labels = batch.pop("labels")
-        loss_sum, correct, count = token_stats(engine(**batch).logits, labels)
+        loss, micro_stats = objective.micro_loss(engine, batch, micro_rows, norm)
         # DeepSpeed divides by accumulation steps and averages over ranks; undo both, so the
-        # step's loss is the mean over every trained token of the global batch.
-        engine.backward(loss_sum / label_tokens * plan.accum * run.world)
+        # step's loss is the mean over the whole global batch (every trained token; for DPO every pair).
+        engine.backward(loss * plan.accum * run.world)
         engine.step()
-        stats += torch.tensor([loss_sum.item(), correct, count, 0], dtype=torch.float64)
-    stats[3] = float(preemption.requested)
+        stats[:-1] += micro_stats
+    stats[-1] = float(preemption.requested)
     stats = stats.to(engine.device)
     dist.all_reduce(stats)
-    return ({"train_loss": stats[0].item() / max(stats[2].item(), 1),
-             "train_accuracy": stats[1].item() / max(stats[2].item(), 1)}, stats[3].item() > 0)
+    return objective.step_metrics(stats[:-1].cpu()), stats[-1].item() > 0
 
 
 def cost(run: Run, began: float) -> Cost:
@@ -205,8 +246,7 @@ def train(job_file: str) -> None:
                "learning_rate": run.scheduler.get_last_lr()[0], "tokens_per_second": round(tokens_per_s, 1),
                "batch": fingerprint(rows)}
         if done % t.eval_every == 0 or book.due(done):  # each checkpoint's marker keeps its validation metrics
-            metrics.update(evaluate(engine, run.valid_rows, run.rank, run.world, plan.micro,
-                                    run.tokenizer.pad_token_id))
+            metrics.update(evaluate(run))
             row.update(metrics)
         book.after_step(engine, row, metrics, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
         if book.stopped_at:  # early stopping: every rank got rank 0's decision, and the checkpoint is written
