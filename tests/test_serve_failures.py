@@ -1,9 +1,10 @@
 """A generation that fails inside the model: the client gets an OpenAI-shaped error at once (500, or an
 error event in a stream), never a hang, and the server goes on answering.
 
-The fault is faked: the model's generate() is replaced by one that emits a token and raises, as a GPU
-out-of-memory or a broken kernel would; a tiny model on CPU cannot be made to fail mid-generation for
-real. Everything else (server, HTTP, the official openai client) is real.
+The fault is faked: the model's forward pass is wrapped so that the first one (the prompt, which gives
+the first token) works and the next raises, as a GPU out-of-memory or a broken kernel would; a tiny
+model on CPU cannot be made to fail mid-generation for real. Everything else (server, continuous
+batching, HTTP, the official openai client) is real.
 """
 
 from __future__ import annotations
@@ -44,15 +45,17 @@ def served(tmp_path_factory):
 @pytest.fixture
 def failing(served):
     model, client = served
-    real = model.model.generate
+    real, calls = model.model.forward, {"n": 0}
 
-    def generate(*args, streamer=None, **kwargs):
-        streamer.put(real(*args, **{**kwargs, "max_new_tokens": 1})[:, -1:])  # one token out, then the fault
-        raise RuntimeError("CUDA out of memory while generating for 'secret prompt'")
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:  # one token out, then the fault
+            raise RuntimeError("CUDA out of memory while generating for 'secret prompt'")
+        return real(*args, **kwargs)
 
-    model.model.generate = generate
+    model.model.forward = forward
     yield client
-    model.model.generate = real
+    model.model.forward = real
 
 
 def test_failed_generation_is_a_500_then_the_server_answers_again(served, failing):

@@ -149,7 +149,7 @@ def _serve(args) -> int:
     from kubetune.storage import Mirror
 
     model = Mirror(args.model, spec=Storage(endpoint=args.endpoint))  # an s3:// model: a local copy first
-    serve(str(model.fetch()), args.host, args.port, args.name, args.max_tokens, args.max_queue)
+    serve(str(model.fetch()), args.host, args.port, args.name, args.max_tokens, args.max_queue, args.max_batch)
     return 0
 
 
@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="model id clients use (default: the folder name)")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 503")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests generated together (continuous batching); 1 generates one at a time")
     p.add_argument("--endpoint", help="S3-compatible endpoint URL for an s3:// model")
     p.set_defaults(func=_serve)
     p = sub.add_parser("api", help="OpenAI's files and fine-tuning API on this cluster (api_key: a Kubernetes token)")

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from kubetune.serve.engine import Params, Result, StopFilter
+from kubetune.serve.params import Params, Result, StopFilter
 
 DONE = object()
 

@@ -1,58 +1,20 @@
 """The model behind the endpoint: chat template in, text out, whole or streamed.
 
-One generation runs at a time (the server queues requests in arrival order); a small model on CPU
-or one GPU is not made faster by running several generate() calls side by side.
+Without batching, one generate() runs at a time (several side by side would not be faster); with
+``start_batching`` (the server's default), requests share decode steps (``serve/batching.py``) and
+``stream`` hands them to the batcher.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-
-@dataclass
-class Params:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Result:
-    text: str
-    finish_reason: str  # "stop" or "length"
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class StopFilter:
-    """Cuts streamed text at the first stop sequence, holding back what could be the start of one."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.buffer, self.stopped = stops, "", False
-        self.hold = max((len(s) for s in stops), default=1) - 1
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.buffer += piece
-        cuts = [self.buffer.find(s) for s in self.stops if s in self.buffer]
-        if cuts:
-            self.stopped = True
-            out, self.buffer = self.buffer[: min(cuts)], ""
-            return out
-        keep = len(self.buffer) - self.hold
-        out, self.buffer = (self.buffer[:keep], self.buffer[keep:]) if keep > 0 else ("", self.buffer)
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = ("" if self.stopped else self.buffer), ""
-        return out
+from kubetune.data.formats import template_messages
+from kubetune.serve.params import Params, Result, StopFilter
 
 
 class ChatModel:
@@ -67,9 +29,18 @@ class ChatModel:
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto").to(device).eval()
         self.context = getattr(self.model.config, "max_position_embeddings", 4096)
         self.lock = threading.Lock()
+        self.batcher = None
 
-    def encode(self, messages: list[dict]) -> torch.Tensor:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def start_batching(self, max_batch: int) -> None:
+        from kubetune.serve.batching import Batcher
+
+        if self.batcher is None:
+            self.batcher = Batcher(self, max_batch)
+
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> torch.Tensor:
+        """The prompt's token ids, rendered as in training (``data/tokenize.py``): tools and tool calls too."""
+        text = self.tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
+                                                  add_generation_prompt=True)
         return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
     def _kwargs(self, ids: torch.Tensor, p: Params) -> dict:
@@ -81,6 +52,9 @@ class ChatModel:
 
     def stream(self, ids: torch.Tensor, p: Params) -> Iterator[str | Result]:
         """Text pieces as they are generated, then a Result (whose text is the whole reply)."""
+        if self.batcher is not None:
+            yield from self.batcher.stream(ids, p)
+            return
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -6,57 +6,42 @@
     GET  /openapi.json          an OpenAPI 3 description of the above
     GET  /                      a small web chat page
 
+Tool calling as OpenAI's API has it: ``tools`` (and ``tool_choice`` "auto" or "none") go to the chat
+template, messages may carry ``tool_calls`` (assistant) and be tool results (``role: "tool"`` with
+``tool_call_id``). A reply written in the template's tool-call format (``<tool_call>{"name",
+"arguments"}</tool_call>``, as Qwen and Hermes templates write it, and kubetune's fromConfig template)
+comes back as ``message.tool_calls`` with ``finish_reason: "tool_calls"``; streamed, the text before
+the first call streams as content and the calls come in one delta at the end.
+
 Requests are validated and rejected with OpenAI-style error bodies ({"error": {"message", "type",
 "param", "code"}}) and status codes. Bounds: request bodies up to 1 MiB, max_tokens up to
-``--max-tokens``, prompt plus reply within the model's context. Concurrency: generations run one at
-a time in arrival order; up to ``--max-queue`` requests wait, more get 503 (clients retry).
+``--max-tokens``, prompt plus reply within the model's context. Concurrency: continuous batching
+(``serve/batching.py``): up to ``--max-batch`` requests advance together, one token per step, and a
+new request joins at the next step; up to ``--max-queue`` requests wait, more get 503 (clients retry).
+``--max-batch 1`` generates one request at a time with generate().
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
+import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
 
-from kubetune.data.formats import ROLES, is_valid_unicode
+from kubetune.openai_errors import RequestError, middleware
+from kubetune.data.formats import ROLES, FormatError, is_valid_unicode, request_tools, tool_calls_of
 from kubetune.serve.engine import ChatModel, Params, Result
 
 STATIC = Path(__file__).parent / "static"
 OPENAPI = Path(__file__).parent / "openapi.json"
 MAX_BODY = 1024 * 1024
 MIN_TEMPERATURE = 1e-5  # below this, greedy decoding
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-
-def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
-    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status)
-
-
-@web.middleware
-async def openai_errors(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except RequestError as e:
-        return error_response(e.status, str(e), e.kind, e.param, e.code)
-    except web.HTTPException as e:  # 404, 405, 413 ... in the same shape
-        if e.status < 400:
-            raise
-        kind = "invalid_request_error" if e.status < 500 else "server_error"
-        return error_response(e.status, e.reason, kind)
-    except Exception as e:  # a failed generation: the type only, as the message may quote the prompt
-        print(f"{request.method} {request.path} failed: {type(e).__name__}", file=sys.stderr, flush=True)
-        return error_response(500, f"generation failed ({type(e).__name__})", "server_error")
+openai_errors = middleware("generation failed")
 
 
 def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tuple[list[dict], Params, bool]:
@@ -71,20 +56,34 @@ def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tupl
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty array", "messages")
     clean = []
+    call_ids: set[str] = set()
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise RequestError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        tool_calls = _tool_calls(m, i)
         content = m.get("content")
         if isinstance(content, list) and all(map(_is_part, content)):  # text parts joined by "\n", as in preparation (data/formats.py) and vLLM
             content = "\n".join(part["text"] for part in content if part["type"] == "text")
-        if not isinstance(content, str):
+        if not isinstance(content, str) and not (content is None and tool_calls):  # null beside tool calls
             raise RequestError(400, f"messages[{i}].content must be a string or an array of text parts",
                                f"messages[{i}].content")
-        if not is_valid_unicode(content):  # a lone surrogate escape ("\ud800") made the tokenizer raise: a 500
+        if content is not None and not is_valid_unicode(content):  # a lone surrogate escape ("\ud800") made the tokenizer raise: a 500
             raise RequestError(400, f"messages[{i}].content is not valid Unicode (lone surrogate)", f"messages[{i}].content")
         if not isinstance(m.get("name", ""), str):  # not used, but OpenAI's API has it as a string
             raise RequestError(400, f"messages[{i}].name must be a string", f"messages[{i}].name")
-        clean.append({"role": m["role"], "content": content})
+        message = {"role": m["role"], "content": content}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+            call_ids.update(c["id"] for c in tool_calls)
+        call_id = m.get("tool_call_id")
+        if call_id is not None and not (isinstance(call_id, str) and is_valid_unicode(call_id)):
+            raise RequestError(400, f"messages[{i}].tool_call_id must be a string (valid Unicode)", f"messages[{i}].tool_call_id")
+        if m["role"] == "tool":  # as OpenAI's API: a tool result answers a call made earlier in the conversation
+            if call_id not in call_ids:
+                raise RequestError(400, f"messages[{i}]: a tool message needs the tool_call_id of an earlier assistant "
+                                        "tool call", f"messages[{i}].tool_call_id")
+            message["tool_call_id"] = call_id
+        clean.append(message)
     p = Params()
     p.max_tokens = _number(body, ("max_completion_tokens", "max_tokens"), int, 1, max_tokens_limit, default=min(256, max_tokens_limit))
     p.temperature = _number(body, ("temperature",), float, 0.0, 2.0, default=1.0)
@@ -108,6 +107,99 @@ def parse_request(body: object, model: ChatModel, max_tokens_limit: int) -> tupl
     return clean, p, stream
 
 
+def parse_tools(body: dict) -> list[dict] | None:
+    """The request's tools for the chat template, validated; None when there are none or tool_choice
+    is "none". Forcing a call ("required", a named function) is not supported."""
+    try:
+        tools = request_tools(body.get("tools"))
+    except FormatError as e:
+        raise RequestError(400, str(e), e.field or "tools") from None
+    if tools is not None and not is_valid_unicode(json.dumps(tools, ensure_ascii=False)):
+        raise RequestError(400, "tools is not valid Unicode (lone surrogate)", "tools")
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise RequestError(400, "tool_choice must be 'auto' or 'none' (forcing a tool call is not supported)", "tool_choice")
+    if body.get("parallel_tool_calls") is not None and not isinstance(body["parallel_tool_calls"], bool):
+        raise RequestError(400, "parallel_tool_calls must be a boolean", "parallel_tool_calls")
+    return None if choice == "none" else tools
+
+
+def _tool_calls(m: dict, i: int) -> list[dict] | None:
+    """messages[i]'s tool calls (OpenAI's shape, arguments a JSON string), validated; None for none."""
+    try:
+        calls = tool_calls_of(m, i)
+    except FormatError as e:
+        raise RequestError(400, str(e), e.field) from None
+    if calls and m["role"] != "assistant":
+        raise RequestError(400, f"messages[{i}]: only assistant messages have tool_calls", f"messages[{i}].tool_calls")
+    if calls and not is_valid_unicode(json.dumps(calls, ensure_ascii=False)):
+        raise RequestError(400, f"messages[{i}].tool_calls is not valid Unicode (lone surrogate)", f"messages[{i}].tool_calls")
+    return calls
+
+
+TOOL_CALL_OPEN = "<tool_call>"
+_TOOL_CALL = re.compile(r"\s*<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def parse_tool_calls(text: str, names: set[str] | None = None) -> tuple[str | None, list[dict]] | None:
+    """A reply in the template's tool-call format as (the text before the calls or None, OpenAI
+    tool_calls); None when it is not one: no call, text after the calls, a call that is not JSON with a
+    name and arguments, or (given ``names``) one to a function the request did not offer."""
+    start = text.find(TOOL_CALL_OPEN)
+    if start < 0:
+        return None
+    pos, calls = start, []
+    while (m := _TOOL_CALL.match(text, pos)) is not None:
+        try:
+            call = json.loads(m.group(1))
+        except ValueError:
+            return None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
+            return None
+        if names is not None and call["name"] not in names:
+            return None
+        arguments = call["arguments"]
+        if isinstance(arguments, str):  # arguments written as JSON text
+            try:
+                json.loads(arguments)
+            except ValueError:
+                return None
+        else:
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": call["name"], "arguments": arguments}})
+        pos = m.end()
+    if not calls or text[pos:].strip():
+        return None
+    return text[:start].strip() or None, calls
+
+
+class ToolCallSplitter:
+    """Streamed text up to the first <tool_call> (holding back what could be its start); the rest,
+    the calls, is kept for the end."""
+
+    def __init__(self):
+        self.buffer, self.calling = "", False
+
+    def feed(self, piece: str) -> str:
+        self.buffer += piece
+        if self.calling:
+            return ""
+        at = self.buffer.find(TOOL_CALL_OPEN)
+        if at >= 0:
+            self.calling = True
+            out, self.buffer = self.buffer[:at], self.buffer[at:]
+            return out
+        hold = next((k for k in range(min(len(TOOL_CALL_OPEN) - 1, len(self.buffer)), 0, -1)
+                     if TOOL_CALL_OPEN.startswith(self.buffer[-k:])), 0)
+        out, self.buffer = self.buffer[: len(self.buffer) - hold], self.buffer[len(self.buffer) - hold :]
+        return out
+
+    def rest(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
 def _is_part(part: object) -> bool:
     """An OpenAI content part: {"type": "text", "text": "..."}; other types (image_url...) are ignored."""
     return (isinstance(part, dict) and isinstance(part.get("type"), str) and isinstance(part.get("text", ""), str)
@@ -128,8 +220,18 @@ def _number(body: dict, names: tuple[str, ...], kind, low, high, default):
     return values[0] if values else default
 
 
-def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16) -> web.Application:
+def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16, max_batch: int = 8) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[openai_errors])
+    if max_batch > 1:
+        model.start_batching(max_batch)
+
+    async def threads(app: web.Application):
+        # a waiting non-streamed request holds a thread: enough for every request the queue admits
+        with ThreadPoolExecutor(max_queue + 4, thread_name_prefix="request") as pool:
+            asyncio.get_running_loop().set_default_executor(pool)
+            yield
+
+    app.cleanup_ctx.append(threads)
     waiting = {"n": 0}
 
     async def chat(request: web.Request) -> web.StreamResponse:
@@ -139,7 +241,8 @@ def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16) -> w
         except (ValueError, RecursionError):  # malformed JSON, undecodable bytes, nesting too deep
             raise RequestError(400, "the request body is not valid JSON") from None
         messages, params, stream = parse_request(body, model, max_tokens)
-        ids = model.encode(messages)
+        tools = parse_tools(body)
+        ids = _encode(model, messages, tools)
         if ids.shape[1] + params.max_tokens > model.context:
             raise RequestError(400, f"the prompt ({ids.shape[1]} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                                     f"the model's context of {model.context} tokens", "messages", "context_length_exceeded")
@@ -149,11 +252,14 @@ def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16) -> w
         try:
             meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
             if stream:
-                return await _stream(request, model, ids, params, meta)
+                return await _stream(request, model, ids, params, meta, tools)
             result = await asyncio.to_thread(model.complete, ids, params)
+            message, finish = {"role": "assistant", "content": result.text}, result.finish_reason
+            parsed = parse_tool_calls(result.text, {t["function"]["name"] for t in tools}) if tools else None
+            if parsed:
+                message, finish = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}, "tool_calls"
             return web.json_response({**meta, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason}], "usage": _usage(result)})
+                "index": 0, "message": message, "finish_reason": finish}], "usage": _usage(result)})
         finally:
             waiting["n"] -= 1
 
@@ -176,7 +282,18 @@ def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16) -> w
     return app
 
 
-async def _stream(request: web.Request, model: ChatModel, ids, params: Params, meta: dict) -> web.StreamResponse:
+def _encode(model: ChatModel, messages: list[dict], tools: list[dict] | None):
+    try:
+        return model.encode(messages, tools)
+    except Exception as e:  # a template without tool support may fail on tools, tool calls or tool messages
+        if not tools and not any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise
+        raise RequestError(400, f"the model's chat template cannot render tools, tool calls or tool messages "
+                                f"({type(e).__name__})", "messages") from None
+
+
+async def _stream(request: web.Request, model: ChatModel, ids, params: Params, meta: dict,
+                  tools: list[dict] | None = None) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
@@ -189,6 +306,7 @@ async def _stream(request: web.Request, model: ChatModel, ids, params: Params, m
 
     await send({"role": "assistant", "content": ""})
     pieces = model.stream(ids, params)
+    calls = ToolCallSplitter() if tools else None  # content streams until a tool call starts
     while True:
         try:
             item = await asyncio.to_thread(next, pieces, None)
@@ -200,9 +318,19 @@ async def _stream(request: web.Request, model: ChatModel, ids, params: Params, m
         if item is None:
             break
         if isinstance(item, Result):
-            await send({}, item.finish_reason, _usage(item))
-        else:
+            finish = item.finish_reason
+            rest = calls.rest() if calls else ""
+            parsed = parse_tool_calls(rest, {t["function"]["name"] for t in tools}) if rest else None
+            if parsed:
+                await send({"tool_calls": [{"index": k, **c} for k, c in enumerate(parsed[1])]})
+                finish = "tool_calls"
+            elif rest:
+                await send({"content": rest})
+            await send({}, finish, _usage(item))
+        elif calls is None:
             await send({"content": item})
+        elif piece := calls.feed(item):
+            await send({"content": piece})
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
@@ -213,7 +341,8 @@ def _usage(result: Result) -> dict:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-def serve(model_path: str, host: str, port: int, name: str | None, max_tokens: int, max_queue: int) -> None:
+def serve(model_path: str, host: str, port: int, name: str | None, max_tokens: int, max_queue: int,
+          max_batch: int = 8) -> None:
     model = ChatModel(model_path, name)
     print(f"serving '{model.name}' on http://{host}:{port}/v1 (chat page at http://{host}:{port}/)", flush=True)
-    web.run_app(make_app(model, max_tokens, max_queue), host=host, port=port, print=None)
+    web.run_app(make_app(model, max_tokens, max_queue, max_batch), host=host, port=port, print=None)
