@@ -6,6 +6,10 @@ triggers run the same idempotent ``sync``; a per-job lock keeps two of them from
 operator, and peering keeps a second replica idle. A sync that fails (say, the API server is briefly
 away) is retried with backoff. There is no per-job timer: with 1 000 jobs, Kopf's per-object timers
 alone took the operator past 250 MB; the stall watchdog's rechecks share one thread (``rechecks``).
+
+At thousands of new jobs at once (benchmarks/bench_operator.py), what the API server and the operator
+spend per job counts: a new job is reconciled from the body its event brought, the echo of the
+operator's own Preparing write needs no handler, and Kopf holds only a few workers' worth of objects.
 """
 
 from __future__ import annotations
@@ -29,6 +33,24 @@ from kubetune.spec import API_GROUP, API_VERSION
 FTJ = (API_GROUP, API_VERSION, "finetunejobs")
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 _seen_errors: set[str] = set()
+_written: dict[str, str] = {}  # job → the resourceVersion of this operator's last status write
+HANDLER_THREADS = 32  # Kube.POOL_SIZE keeps a connection for each, and for the threads beside them
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Kopf's record of "the last handled state" of an object, for on.create/update/resume handlers to
+    tell what changed: this operator has none (only event handlers, which see each change as it is), yet
+    Kopf built that record, a deep copy of the body, for every event of every object. Nothing is built
+    or stored here. An on.create/update/resume handler, a daemon or a timer would need Kopf's default back."""
+
+    def build(self, *, body, extra_fields=None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body) -> None:
+        return None
+
+    def store(self, *, body, patch, essence) -> None:
+        pass
 
 
 @kopf.on.startup()
@@ -39,7 +61,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # Scheduled only by syncs, which peering lets run on the active operator alone.
     memo.rechecks = Rechecks(lambda namespace, name: sync_or_retry(memo, namespace, name, logging.getLogger(__name__)))
     settings.posting.level = logging.INFO  # kopf.info() calls become Events
-    settings.execution.max_workers = 16
+    # Handler threads: each mostly waits for the API server, so more than the 16 there were keep it busy
+    # when jobs come in thousands (48 measured no faster than 32, and took 30-40 MiB more at 5 000 jobs).
+    settings.execution.max_workers = HANDLER_THREADS
+    settings.persistence.diffbase_storage = NoDiffBase()
+    # Kopf starts a worker per object with events, holding them in its memory while its handler waits
+    # for a thread; a few more workers than threads keep those busy, the other objects' events wait
+    # in order as they came. A worker idles 5 s after its last event by default, and a limited one
+    # then holds a place that another object waits for: half a second is enough to catch the event
+    # that the operator's own status write sends soon after.
+    settings.queueing.worker_limit = 2 * HANDLER_THREADS
+    settings.queueing.idle_timeout = 0.5
     settings.watching.server_timeout = 300
     settings.scanning.disabled = True  # the resources are known; no need to watch (and be allowed to list) CRDs
     if config.peering:
@@ -52,10 +84,29 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
         metrics.serve(config.metrics_port)
 
 
-def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> bool:
-    """Reconcile one job; True when this call moved it to Succeeded or Failed."""
-    with _locks[f"{namespace}/{name}"], metrics.HANDLER_SECONDS.time():
-        body = memo.api.get_ftj(namespace, name)
+def _current(key: str, seen: dict | None) -> bool:
+    """Whether ``seen`` (a body from the watch) is the job as it is now, as far as this operator can know, so
+    that reading it again would tell nothing new: the echo of this operator's own last status write (same
+    resourceVersion), or a job never reconciled (no status, and no write of ours), as just created. Only for
+    the phases right after creation, which thousands of new jobs go through at once; for later ones (a
+    training job's stall clock reads progress the pods write) the job is read again, as always."""
+    if seen is None:
+        return False
+    status = seen.get("status") or {}
+    if status.get("phase") not in (None, Phase.PENDING, Phase.PREPARING):
+        return False
+    written = _written.get(key)
+    if written is None:
+        return not status
+    return written == (seen.get("metadata") or {}).get("resourceVersion")
+
+
+def sync(memo: kopf.Memo, namespace: str, name: str, logger, seen: dict | None = None) -> bool:
+    """Reconcile one job; True when this call moved it to Succeeded or Failed. ``seen``: the body an event
+    brought, used instead of reading the job again when it is known to be current (``_current``)."""
+    key = f"{namespace}/{name}"
+    with _locks[key], metrics.HANDLER_SECONDS.time():
+        body = seen if _current(key, seen) else memo.api.get_ftj(namespace, name)
         if body is None:
             metrics.forget(namespace, name)
             return False
@@ -71,7 +122,7 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> bool:
         patch = status_patch(previous, outcome, body["metadata"].get("generation"))
         changed = {k: v for k, v in patch.items() if previous.get(k) != v}
         if changed.keys() - {"conditions"}:  # observedGeneration too: it tells a served job's edit was applied
-            memo.api.patch_ftj_status(namespace, name, changed)
+            _written[key] = memo.api.patch_ftj_status(namespace, name, changed)
         metrics.observe(namespace, name, outcome.phase)
         stall_in = seconds_to_stall(body) if outcome.phase == Phase.TRAINING else None
         if stall_in is not None:
@@ -83,32 +134,53 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger) -> bool:
         return previous.get("phase") not in FINISHED and outcome.phase in FINISHED
 
 
+def _job_needs_work(type: str, body, namespace: str, name: str, **_) -> bool:
+    return type == "DELETED" or (needs_work(body) and not _echo_while_preparing(f"{namespace}/{name}", body))
+
+
+def _echo_while_preparing(key: str, seen) -> bool:
+    """Whether ``seen`` is this operator's own write of a Preparing status coming back, with nothing else
+    changed since (same resourceVersion): the job waits for its prepare Job then, and every change of that
+    Job that matters (it finished, failed, or Kueue decided about it) is an event of its own, which
+    reconciles the job. Reconciling the echo too read the Job to change nothing: with thousands of new
+    jobs, one request and one handler call each."""
+    return ((seen.get("status") or {}).get("phase") == Phase.PREPARING
+            and _written.get(key) == (seen.get("metadata") or {}).get("resourceVersion"))
+
+
+def _child_matters(body, **_) -> bool:
+    labels = body.get("metadata", {}).get("labels") or {}
+    # A running Job changes nothing for its FineTuneJob, unless Kueue is deciding about it.
+    return bool(labels.get(JOB_LABEL)) and (job_state(body) not in (JobState.ACTIVE, JobState.MISSING)
+                                            or KUEUE_QUEUE_LABEL in labels)
+
+
 # Event handlers, not create/update handlers: they see every change (and, at start, every existing
 # job, which covers an operator restart) without Kopf writing its own bookkeeping into each object.
-@kopf.on.event(*FTJ)
+# The filters (``when``) run in Kopf's event loop: an event that needs nothing (a finished job, a
+# running child Job) never waits for a handler thread, behind thousands of new jobs.
+@kopf.on.event(*FTJ, when=_job_needs_work)
 def on_job(memo: kopf.Memo, type: str, body, namespace: str, name: str, logger, **_) -> None:
     if type == "DELETED":  # its children go with it (owner references); forget what is kept per job
         _locks.pop(f"{namespace}/{name}", None)
+        _written.pop(f"{namespace}/{name}", None)
         metrics.forget(namespace, name)
         memo.rechecks.forget(namespace, name)
-    elif needs_work(body):
-        sync_or_retry(memo, namespace, name, logger)
+    else:
+        sync_or_retry(memo, namespace, name, logger, seen=dict(body))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY["app.kubernetes.io/managed-by"]})
+@kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY["app.kubernetes.io/managed-by"]},
+               when=_child_matters)
 def on_child_job(memo: kopf.Memo, body, namespace: str, logger, **_) -> None:
-    labels = body.get("metadata", {}).get("labels") or {}
-    owner = labels.get(JOB_LABEL)
-    # A running Job changes nothing for its FineTuneJob, unless Kueue is deciding about it.
-    if owner and (job_state(body) not in (JobState.ACTIVE, JobState.MISSING) or KUEUE_QUEUE_LABEL in labels):
-        sync_or_retry(memo, namespace, owner, logger)
+    sync_or_retry(memo, namespace, body["metadata"]["labels"][JOB_LABEL], logger)
 
 
-def sync_or_retry(memo: kopf.Memo, namespace: str, name: str, logger, delay: float = 5.0) -> None:
+def sync_or_retry(memo: kopf.Memo, namespace: str, name: str, logger, delay: float = 5.0, seen: dict | None = None) -> None:
     # Kopf does not retry event handlers; a failed sync would otherwise wait for the next change.
     try:
-        finished = sync(memo, namespace, name, logger)
-    except Exception as e:
+        finished = sync(memo, namespace, name, logger, seen)
+    except Exception as e:  # a retry reads the job again
         _retry_later(f"reconcile of {namespace}/{name}", e, logger, delay, sync_or_retry, memo, namespace, name, logger)
         return
     if finished:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL
+
+log = logging.getLogger(__name__)
+# Connections kept open to the API server: at least one per thread that calls it at once (Kopf's
+# handler threads, rechecks, retries). The client's default, 5 per CPU,
+# is 10 on 2 cores: a request beyond it opened a TLS connection of its own and closed it after.
+POOL_SIZE = 64
 
 
 class Rejected(Exception):
@@ -13,14 +20,21 @@ class Rejected(Exception):
 
 
 class Kube:
-    def __init__(self):
+    def __init__(self, pool_size: int = POOL_SIZE):
         from kubernetes import client, config
 
+        configuration = client.Configuration()
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config()
-        self.client = client.ApiClient()
+            config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = pool_size
+        if not configuration.verify_ssl:  # said once here, not on every request
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            log.warning("the API server's certificate is not verified (insecure-skip-tls-verify)")
+        self.client = client.ApiClient(configuration)
         self.core = client.CoreV1Api(self.client)
         self.batch = client.BatchV1Api(self.client)
         self.rbac = client.RbacAuthorizationV1Api(self.client)
@@ -46,16 +60,18 @@ class Kube:
     def list_ftjs(self, namespace: str) -> list[dict]:
         return self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)["items"]
 
-    def patch_ftj_status(self, namespace: str, name: str, status: dict) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": status})
+    def patch_ftj_status(self, namespace: str, name: str, status: dict) -> str:
+        """Patch the job's status; the resourceVersion it then has."""
+        return self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": status})["metadata"]["resourceVersion"]
 
     def create(self, obj: dict) -> bool:
         """Create ``obj``; False when it already exists (creation is idempotent by name)."""
         from kubernetes.client.rest import ApiException
 
         try:
-            self._create[obj["kind"]](obj["metadata"]["namespace"], obj)
+            # the response is not turned into the client's model objects: nothing reads it
+            _drain(self._create[obj["kind"]](obj["metadata"]["namespace"], obj, _preload_content=False))
             return True
         except ApiException as e:
             if e.status == 409:
@@ -73,7 +89,8 @@ class Kube:
                 raise _rejected(e, obj) from None
 
     def get_job(self, namespace: str, name: str) -> dict | None:
-        return self._absent_is_none(lambda: self._dict(self.batch.read_namespaced_job(name, namespace)))
+        # the JSON as the API server sent it (timestamps as RFC 3339 "Z" text), not via the client's models
+        return self._absent_is_none(lambda: _json(self.batch.read_namespaced_job(name, namespace, _preload_content=False)))
 
     def delete_job(self, namespace: str, name: str) -> None:
         # Background: the Job goes now, the garbage collector removes its pods.
@@ -99,6 +116,18 @@ class Kube:
             if e.status == 404:
                 return None
             raise
+
+
+def _drain(response) -> bytes:
+    """The body of an unparsed (``_preload_content=False``) response, its connection back in the pool."""
+    try:
+        return response.data
+    finally:
+        response.release_conn()
+
+
+def _json(response) -> dict:
+    return json.loads(_drain(response))
 
 
 def _rejected(e, obj: dict) -> Exception:
