@@ -89,3 +89,14 @@ def test_file_validation_reports_lines_and_kinds():
     assert found["status"] == "error" and found["lines"] == 4 and found["kinds"] == {"chat": 2}
     assert "2 of 4 lines are invalid: line 3:" in found["status_details"] and "line 4:" in found["status_details"]
     assert validate(good)["status"] == "processed" and validate(b"")["status"] == "error"
+
+
+def test_ids_sort_by_creation_time():
+    import time
+
+    ids = []
+    for _ in range(3):
+        ids.append(J.new_id("ftjob"))
+        time.sleep(0.002)
+    assert sorted(ids) == ids and len(set(ids)) == 3
+    assert all(len(i) == len("ftjob-") + 20 for i in ids)  # as long as the random ids they replaced

@@ -114,13 +114,25 @@ def namespace(request):
 
 
 @pytest.fixture(scope="module")
-def operator_release(request):
-    """`helm install` the chart: the locally built operator image, in a restricted namespace."""
+def operator_release(request, s3):
+    """`helm install` the chart: the locally built operator image, in a restricted namespace, with
+    `kubetune api` (api.enabled) whose jobs are small CPU jobs."""
     kubectl("create", "namespace", RELEASE_NS, check=False)
     kubectl("label", "--overwrite", "namespace", RELEASE_NS, "pod-security.kubernetes.io/enforce=restricted")
+    create_credentials(RELEASE_NS)  # the API server's own access to the files
     sh("helm", "uninstall", "kubetune", "-n", RELEASE_NS, "--wait", check=False)
+    values = Path(tempfile.mkdtemp()) / "api-values.yaml"
+    values.write_text(yaml.safe_dump({"api": {
+        "enabled": True, "filesUri": "s3://kubetune/api/files/", "outputsUri": "s3://kubetune/api/jobs/",
+        "storage": {"endpoint": s3, "credentialsSecret": "s3-credentials"}, "credentialsSecret": "s3-credentials",
+        "jobDefaults": {"preprocessing": {"maxSeqLength": 512},
+                        "training": {"maxSteps": 12, "globalBatchSize": 8, "microBatchSize": 4, "learningRate": 3e-3,
+                                     "evalEvery": 6, "checkpointEvery": 6},
+                        "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "900m", "memory": "2Gi"},
+                        "evaluation": {"samples": 2, "maxNewTokens": 8},
+                        "serve": {"enabled": True, "cpu": "200m", "memory": "1Gi"}}}}))
     sh("helm", "install", "kubetune", str(ROOT / "charts" / "kubetune"), "-n", RELEASE_NS,
-       "-f", str(ROOT / "charts" / "kubetune" / "values-local.yaml"),
+       "-f", str(ROOT / "charts" / "kubetune" / "values-local.yaml"), "-f", str(values),
        "--set", "localS3.enabled=false",  # the MinIO image cannot be pulled here; the test serves S3
        "--wait", "--timeout", "5m")
     yield
@@ -163,8 +175,7 @@ def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
     boto3.client("s3", endpoint_url=s3).create_bucket(Bucket="kubetune")
     sh(sys.executable, "-m", "kubetune.cli", "upload", str(EXAMPLES / "data"), "s3://kubetune/data/", "--endpoint", s3)
     boto3.client("s3", endpoint_url=s3).put_object(Bucket="kubetune", Key="data/planted-pii.jsonl", Body=planted_pii())
-    kubectl("create", "secret", "generic", "s3-credentials", "-n", ns,
-            f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}", f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}")
+    create_credentials(ns)
 
     applied = time.monotonic()
     kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(job_manifest(s3)))
@@ -251,6 +262,39 @@ def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
              180, "every child to go")
     after = client.list_objects_v2(Bucket="kubetune", Prefix=f"jobs/{JOB}/model/")["KeyCount"]
     assert after > 0 and client.list_objects_v2(Bucket="kubetune", Prefix="data/")["KeyCount"] > 0
+
+
+def test_an_openai_fine_tuning_script_runs_unchanged(s3, namespace, operator_release):
+    """examples/openai_finetune.py, written for OpenAI's API, with only OPENAI_BASE_URL and OPENAI_API_KEY
+    set: upload, a supervised job, a DPO job on its model (fromJob), events, chat by model name."""
+    ns = namespace
+    create_credentials(ns)  # what the jobs' pods read (api.storage.credentialsSecret)
+    kubectl("create", "serviceaccount", "team-bot", "-n", ns)
+    kubectl("create", "role", "team-bot", "-n", ns, "--verb=get,list,create,patch", "--resource=finetunejobs")
+    kubectl("create", "rolebinding", "team-bot", "-n", ns, "--role=team-bot", f"--serviceaccount={ns}:team-bot")
+    token = kubectl("create", "token", "team-bot", "-n", ns, "--duration=1h").stdout.strip()
+    kubectl("rollout", "status", "-n", RELEASE_NS, "deployment/kubetune-api", "--timeout=120s")
+    ip = kubectl("get", "service", "kubetune-api", "-n", RELEASE_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, str(EXAMPLES / "openai_finetune.py"), "kubetune-tiny",
+                          str(EXAMPLES / "data" / "support-chat.jsonl"), "--dpo", str(EXAMPLES / "preference.jsonl")],
+                         env={**env(), "OPENAI_BASE_URL": f"http://{ip}:8080/v1", "OPENAI_API_KEY": token},
+                         capture_output=True, text=True, timeout=1500)
+    log(f"openai_finetune.py took {time.monotonic() - started:.0f}s:\n{run.stdout[-3000:]}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count(": succeeded,") == 2 and "Step " in run.stdout and "checkpoint ft:" in run.stdout
+    assert re.search(rf"^ft:ft-kubetune-tiny-{ns}-support-ftjob-\w+:{ns}:support-dpo:ftjob-\w+: '", run.stdout, re.M), \
+        run.stdout[-1000:]
+    jobs = get_json("ftj", "-n", ns)["items"]
+    dpo = next(j for j in jobs if j["spec"]["training"].get("objective") == "dpo")
+    assert "fromJob" in dpo["spec"]["model"] and dpo["status"]["phase"] == "Succeeded"
+    assert_no_secret(ns)
+    assert token not in "".join(cluster_texts(ns)) + kubectl("logs", "-n", RELEASE_NS, "deployment/kubetune-api").stdout
+
+
+def create_credentials(ns: str) -> None:
+    kubectl("create", "secret", "generic", "s3-credentials", "-n", ns, f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}",
+            f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}", check=False)  # check=False: it may exist
 
 
 def chat_through_service(ns: str):

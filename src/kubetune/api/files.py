@@ -9,26 +9,24 @@ the first problems by line number in ``status_details``.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections import Counter
 
 import orjson
 
+from kubetune.api.jobs import new_id
 from kubetune.data.formats import FormatError, standardize
+from kubetune.data.preference import is_preference, standardize_pair
 from kubetune.data.readers import BadLine, read_file
 from kubetune.storage import NotFound, join, store_for
 
-PREFERENCE_FIELDS = ("input", "preferred_output", "non_preferred_output", "chosen", "rejected")
 LISTED_PROBLEMS = 10
 PUBLIC = ("id", "object", "bytes", "created_at", "filename", "purpose", "status", "status_details", "expires_at")
 
 
 def kind_of(data: dict) -> str:
     """'chat' or 'preference'; FormatError says why it is neither."""
-    if any(k in data for k in PREFERENCE_FIELDS):
-        from kubetune.data.preference import standardize_pair
-
+    if is_preference(data):
         standardize_pair(data)
         return "preference"
     standardize(data, "auto")
@@ -74,7 +72,7 @@ class FileStore:
         return join(self.root, namespace, file_id, "file.json")
 
     def create(self, namespace: str, filename: str, purpose: str, raw: bytes) -> dict:
-        file_id = f"file-{secrets.token_hex(12)}"
+        file_id = new_id("file", 6)
         uri = join(self.root, namespace, file_id, "data.jsonl")
         self.store.write_bytes(uri, raw)
         record = {"id": file_id, "object": "file", "bytes": len(raw), "created_at": int(time.time()),
@@ -85,10 +83,8 @@ class FileStore:
     def get(self, namespace: str, file_id: str) -> dict | None:
         if not file_id.startswith("file-") or "/" in file_id:
             return None
-        try:
-            return orjson.loads(self.store.read_bytes(self._record_uri(namespace, file_id)))
-        except NotFound:
-            return None
+        uri = self._record_uri(namespace, file_id)
+        return orjson.loads(self.store.read_bytes(uri)) if self.store.exists(uri) else None
 
     def list(self, namespace: str) -> list[dict]:
         """Newest first."""
@@ -99,7 +95,7 @@ class FileStore:
             return []
         ids = [u.removeprefix(prefix).split("/")[0] for u in uris if u.endswith("/file.json")]
         records = [r for r in (self.get(namespace, i) for i in ids) if r]
-        return sorted(records, key=lambda r: (-r["created_at"], r["id"]))
+        return sorted(records, key=lambda r: (r["created_at"], r["id"]), reverse=True)
 
     def content(self, record: dict) -> bytes:
         return self.store.read_bytes(record["uri"])

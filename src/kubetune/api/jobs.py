@@ -70,8 +70,10 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def new_job_name() -> str:
-    return f"ftjob-{secrets.token_hex(10)}"
+def new_id(prefix: str, random_bytes: int = 4) -> str:
+    """An id that sorts by creation time (milliseconds first, then random): lists come newest first even
+    for jobs or files created within one second, which creationTimestamp cannot tell apart."""
+    return f"{prefix}-{int(time.time() * 1000):012x}{secrets.token_hex(random_bytes)}"
 
 
 def timestamp(text: str | None) -> int | None:

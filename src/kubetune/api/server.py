@@ -28,7 +28,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from kubetune.api import jobs as J
 from kubetune.api.access import Access
 from kubetune.api.files import FileStore, public
-from kubetune.openai_errors import RequestError, error_response
+from kubetune.openai_errors import RequestError, error_response, middleware
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, Storage
 from kubetune.storage import StorageError, join, store_for
 
@@ -37,17 +37,11 @@ MAX_UPLOAD = 512 * 1024 * 1024  # OpenAI's limit for one file
 
 
 @web.middleware
-async def api_errors(request: web.Request, handler):
+async def kube_and_storage_errors(request: web.Request, handler):
     from kubernetes.client.exceptions import ApiException
 
     try:
         return await handler(request)
-    except RequestError as e:
-        return error_response(e.status, str(e), e.kind, e.param, e.code)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        return error_response(e.status, e.reason, "invalid_request_error" if e.status < 500 else "server_error")
     except ApiException as e:  # the Kubernetes API said no: its status, not its body (it may quote the request)
         print(f"{request.method} {request.path}: Kubernetes API {e.status} {e.reason}", file=sys.stderr, flush=True)
         return error_response(e.status if 400 <= e.status < 500 else 502, f"Kubernetes API: {e.reason}",
@@ -55,9 +49,6 @@ async def api_errors(request: web.Request, handler):
     except StorageError as e:
         print(f"{request.method} {request.path}: storage: {type(e).__name__}", file=sys.stderr, flush=True)
         return error_response(502, "object storage is unavailable; retry later", "server_error")
-    except Exception as e:
-        print(f"{request.method} {request.path} failed: {type(e).__name__}", file=sys.stderr, flush=True)
-        return error_response(500, f"internal error ({type(e).__name__})", "server_error")
 
 
 class Api:
@@ -180,7 +171,7 @@ class Api:
             record = await asyncio.to_thread(self.files.get, namespace, file_id) if isinstance(file_id, str) else None
             if record:
                 files[file_id] = record
-        doc = J.job_document(body, J.new_job_name(), namespace, files, self.settings)
+        doc = J.job_document(body, J.new_id("ftjob"), namespace, files, self.settings)
         created = await asyncio.to_thread(self.kube.custom.create_namespaced_custom_object,
                                           API_GROUP, API_VERSION, namespace, PLURAL, doc)
         return web.json_response(J.job_object(created))
@@ -278,7 +269,8 @@ def make_app(settings: J.ApiSettings, kube=None, access: Access | None = None) -
 
         kube = Kube()
     api = Api(settings, kube, access or Access(kube))
-    app = web.Application(middlewares=[api_errors], client_max_size=MAX_UPLOAD)
+    app = web.Application(middlewares=[middleware("internal error"), kube_and_storage_errors],
+                          client_max_size=MAX_UPLOAD)
 
     async def session(app: web.Application):
         app["session"] = ClientSession(timeout=ClientTimeout(total=None, sock_connect=10, sock_read=600))
