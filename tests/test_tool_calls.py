@@ -25,7 +25,8 @@ from kubetune.data.prepare import prepare
 from kubetune.data.tokenize import IGNORE, render_with_spans, tokenize_batch
 from kubetune.models import CHATML_TEMPLATE, config_for, train_tokenizer
 from kubetune.serve.engine import Result
-from kubetune.serve.server import RequestError, ToolCallSplitter, make_app, parse_request, parse_tool_calls, parse_tools
+from kubetune.serve.server import RequestError, make_app, parse_request
+from kubetune.serve.tool_calls import ToolCallSplitter, parse_tool_calls, parse_tools
 from kubetune.spec import FromConfig, parse_job
 
 TOOL_DATA = EXAMPLES / "tool-calls.jsonl"
