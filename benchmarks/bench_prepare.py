@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/bench_prepare.py [--docs 30000]
 
 Both pipelines read the same generated JSONL corpus (with planted exact and near duplicates and
-PII), scrub PII, remove duplicates and write JSONL, single process, in one run on this machine:
+PII), scrub PII, remove duplicates and write JSONL, single process (kubetune on more: --workers), in one run
+on this machine:
 - kubetune: read → standardize → normalize → PII (7 types) → exact dedup → MinHash LSH + exact
   Jaccard check → write;
 - datatrove: MinhashDedupSignature → Buckets → Cluster → (read → PIIFormatter (emails, IPs) →
@@ -18,6 +19,7 @@ Recall = planted duplicates removed / planted; wrongly removed = unique document
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -82,9 +84,8 @@ def make_corpus(path: Path, docs: int, seed: int = 0) -> dict[int, str]:
     return planted
 
 
-def run_kubetune(src: Path, out: Path) -> set[int]:
-    from kubetune.data.pii import Scrubber
-    from kubetune.data.prepare import Report, dedup, read_examples
+def run_kubetune(src: Path, out: Path, workers: int) -> set[int]:
+    from kubetune.data.prepare import Report, clean_and_dedup, locate_inputs
     from kubetune.spec import parse_job
 
     job = parse_job({"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},
@@ -93,14 +94,11 @@ def run_kubetune(src: Path, out: Path) -> set[int]:
                               "preprocessing": {"minChars": 0, "maxRepetition": 1.0,
                                                 "dedup": {"nearThreshold": 0.72, "ngram": 5, "numPerm": 112}}}})
     report = Report()
-    pre = job.spec.preprocessing
-    examples = read_examples(job, str(src), None, report, Scrubber(pre.pii.redact), log=lambda _: None)
-    kept, _ = dedup(examples, pre, seed=1, report=report)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "kept.jsonl", "w") as f:
-        for e in kept:
-            f.write(json.dumps({"where": e.where, "text": e.messages[0]["content"]}) + "\n")
-    return {int(e.where.rsplit(":", 1)[1]) - 1 for e in kept}
+    kept = clean_and_dedup(job, locate_inputs(job, out, report), out, report, workers, log=lambda _: None)
+    with open(out / "kept.jsonl", "wb") as f:  # as datatrove's JsonlWriter writes its output
+        for _, line in kept.lines():
+            f.write(line + b"\n")
+    return {int(n) - 1 for n in kept.line_numbers}
 
 
 def run_datatrove(src: Path, work: Path) -> set[int]:
@@ -124,6 +122,8 @@ def score(kept: set[int], planted: dict[int, str], docs: int) -> tuple[float, in
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=30000)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="kubetune's worker processes (default 1: datatrove runs with workers=1 too)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -134,7 +134,7 @@ def main() -> None:
         print(f"corpus: {args.docs} docs, {size_mb:.1f} MB, {len(planted)} planted duplicates "
               f"({sum(v == 'near' for v in planted.values())} near)")
         results = {}
-        for name, fn, out in (("kubetune", run_kubetune, tmp / "kt"), ("datatrove", run_datatrove, tmp / "dt")):
+        for name, fn, out in (("kubetune", functools.partial(run_kubetune, workers=args.workers), tmp / "kt"), ("datatrove", run_datatrove, tmp / "dt")):
             out.mkdir()
             start = time.perf_counter()
             kept = fn(src, out)

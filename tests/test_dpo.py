@@ -10,6 +10,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -17,9 +18,8 @@ import yaml
 
 from conftest import EXAMPLES
 from kubetune.data.formats import FormatError
-from kubetune.data.preference import pair_rows, standardize_pair
+from kubetune.data.preference import standardize_pair
 from kubetune.data.prepare import prepare
-from kubetune.data.tokenize import Tokenized
 from kubetune.packed import IGNORE
 from kubetune.spec import parse_job
 from kubetune.train import dpo
@@ -122,17 +122,23 @@ def test_sequence_log_probs_are_summed_per_document():
     assert torch.equal(rejected, torch.stack([sums[0, 1], sums[0, 3], sums[1, 1]]))
 
 
-def test_pairs_are_packed_whole_chosen_first():
-    def side(n, answer):  # n tokens, the last `answer` of them labeled
-        return Tokenized(list(range(n)), [IGNORE] * (n - answer) + list(range(n - answer, n)))
+def test_pairs_are_packed_whole_chosen_first(tmp_path):
+    from kubetune.data.shards import ShardWriter, TokenizedChunk
 
-    sides = [(side(30, 5), side(20, 4)), (side(10, 3), side(12, 2)), (side(60, 9), side(64, 10)), (side(5, 1), side(6, 2))]
-    rows = pair_rows(sides, max_len=64, packing=True)
-    lens = sorted(tuple(row["doc_lens"][i : i + 2]) for row in rows for i in range(0, len(row["doc_lens"]), 2))
-    assert lens == sorted((len(c.input_ids), len(r.input_ids)) for c, r in sides)  # every pair whole, chosen first
-    assert all(len(row["doc_lens"]) % 2 == 0 and sum(row["doc_lens"]) <= 128 for row in rows)
-    assert len(rows) < len(sides)  # packed
-    assert len(pair_rows(sides, max_len=64, packing=False)) == len(sides)
+    lens = [(30, 20), (10, 12), (60, 64), (5, 6)]
+    docs = [n for pair in lens for n in pair]
+    chunk = TokenizedChunk(examples=[b"{}"] * len(lens), ids=np.arange(sum(docs), dtype=np.int32),
+                      labels=np.arange(sum(docs), dtype=np.int32), doc_lens=np.array(docs), docs_per_unit=2)
+    for packing, folder in ((True, tmp_path / "packed"), (False, tmp_path / "unpacked")):
+        folder.mkdir()
+        writer = ShardWriter(folder, "train", 64, packing, pairs=True)
+        writer.add(chunk)
+        writer.close()
+        rows = pq.read_table(folder / "train-00000.parquet").to_pylist()
+        found = sorted(tuple(row["doc_lens"][i: i + 2]) for row in rows for i in range(0, len(row["doc_lens"]), 2))
+        assert found == sorted(lens)  # every pair whole, chosen first
+        assert all(len(row["doc_lens"]) % 2 == 0 and sum(row["doc_lens"]) <= 128 for row in rows)
+        assert len(rows) < len(lens) if packing else len(rows) == len(lens)
 
 
 def test_spec_fields():

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -170,23 +171,29 @@ def test_supervised_job_from_upload_to_chat_with_the_openai_client(control_plane
     with pytest.raises(openai.BadRequestError, match="already succeeded"):
         client.fine_tuning.jobs.cancel(job.id)
 
-    server, url = start_server(save_tiny_model(tmp_path / "model"))
-    try:
-        patch_status(cp, namespace, job.id, {"endpoint": f"{url}/v1"})  # where the Service would send it
-        reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,
-                                               messages=[{"role": "user", "content": "Where is my order?"}])
-        assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens <= 4
-        chunks = list(client.chat.completions.create(model=done.fine_tuned_model, max_tokens=3, stream=True,
-                                                     messages=[{"role": "user", "content": "hello"}]))
-        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-        assert [m.id for m in client.models.list().data] == [done.fine_tuned_model]
-        with pytest.raises(openai.NotFoundError, match="not being served"):
-            client.chat.completions.create(model=checkpoint.fine_tuned_model_checkpoint, messages=[
-                {"role": "user", "content": "hi"}])
-    finally:
-        server.terminate()
-        server.wait(10)
-
+    # The endpoint is in status before its server is up (a serving pod loading the model refuses
+    # connections): a chat request made then waits for it, as a script that chats right away expects.
+    port = free_port()
+    patch_status(cp, namespace, job.id, {"endpoint": f"http://127.0.0.1:{port}/v1"})  # where the Service would send it
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.chat.completions.create, model=done.fine_tuned_model, max_tokens=4,
+                            messages=[{"role": "user", "content": "Where is my order?"}])
+        time.sleep(3)
+        assert not first.done(), first.result()
+        server, _ = start_server(save_tiny_model(tmp_path / "model"), port=port)
+        try:
+            reply = first.result(timeout=120)
+            assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens <= 4
+            chunks = list(client.chat.completions.create(model=done.fine_tuned_model, max_tokens=3, stream=True,
+                                                         messages=[{"role": "user", "content": "hello"}]))
+            assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+            assert [m.id for m in client.models.list().data] == [done.fine_tuned_model]
+            with pytest.raises(openai.NotFoundError, match="not being served"):
+                client.chat.completions.create(model=checkpoint.fine_tuned_model_checkpoint, messages=[
+                    {"role": "user", "content": "hi"}])
+        finally:
+            server.terminate()
+            server.wait(10)
 
 def test_dpo_pause_resume_cancel_and_who_may_do_what(control_plane, namespace, api):
     cp, (base_url, _) = control_plane, api

@@ -81,6 +81,10 @@ def test_prepare_pod_requests_come_from_the_spec():
     job = _job(resources={"prepare": {"memory": "24Gi", "cpu": "4"}})
     c = children.prepare_job(job, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
     assert c["resources"]["requests"] == {"cpu": "4", "memory": "24Gi"}
+    assert {"name": "KUBETUNE_WORKERS", "value": "4"} in c["env"]  # one worker process per requested CPU
+    for cpu, workers in (("500m", "1"), ("2500m", "2"), ("1", "1")):
+        c = children.prepare_job(_job(resources={"prepare": {"cpu": cpu}}), SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "KUBETUNE_WORKERS", "value": workers} in c["env"], cpu
 
 
 def test_conditions_keep_transition_time_until_status_flips():

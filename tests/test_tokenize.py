@@ -1,6 +1,6 @@
 import pytest
 
-from kubetune.data.tokenize import IGNORE, pack, packed_rows, tokenize_batch
+from kubetune.data.tokenize import IGNORE, pack, tokenize_batch
 from kubetune.models import train_tokenizer
 
 LLAMA3_LIKE = (
@@ -56,11 +56,41 @@ def test_best_fit_packing_respects_capacity():
     assert len(bins) == 4  # 400 tokens in 4 full rows
 
 
-def test_packed_rows_keep_document_boundaries(tokenizer):
-    examples = tokenize_batch(tokenizer, [CONV, CONV[:3] + [{**CONV[2], "weight": 1}]])
-    [row] = packed_rows(examples, capacity=512, packing=True)
-    assert sum(row["doc_lens"]) == len(row["input_ids"]) == len(row["labels"])
-    starts = [0, row["doc_lens"][0]] if row["doc_lens"] else []
-    assert all(row["labels"][s] == IGNORE for s in starts)  # no loss across a boundary
-    unpacked = packed_rows(examples, capacity=512, packing=False)
-    assert [r["doc_lens"] for r in unpacked] == [[len(e.input_ids)] for e in examples]
+def test_packed_rows_keep_document_boundaries(tokenizer, tmp_path):
+    import orjson
+    import pyarrow.parquet as pq
+
+    from kubetune.data.shards import ShardWriter, Tokenizing
+
+    lines = [orjson.dumps({"messages": m}) for m in (CONV, CONV[:3] + [{**CONV[2], "weight": 1}])]
+    chunk = Tokenizing(tokenizer, max_len=512, pairs=False)(lines)
+    for packing, folder in ((True, tmp_path / "packed"), (False, tmp_path / "unpacked")):
+        folder.mkdir()
+        writer = ShardWriter(folder, "train", 512, packing, pairs=False)
+        writer.add(chunk)
+        assert writer.close()["rows"] == (1 if packing else 2)
+        rows = pq.read_table(folder / "train-00000.parquet").to_pylist()
+        for row in rows:
+            assert sum(row["doc_lens"]) == len(row["input_ids"]) == len(row["labels"])
+            starts = [sum(row["doc_lens"][:k]) for k in range(len(row["doc_lens"]))]
+            assert all(row["labels"][s] == IGNORE for s in starts)  # no loss across a boundary
+    assert sorted(len(r["input_ids"]) for r in rows) == sorted(chunk.doc_lens.tolist())
+
+
+def test_one_rendering_and_the_prefix_method_give_the_same_labels(tokenizer):
+    """The fromConfig template marks assistant output with {% generation %}: its labels come from one
+    rendering, and equal those of rendering every prefix (the method for templates without the marks)."""
+    import json
+
+    from conftest import EXAMPLES
+    from kubetune.data.formats import standardize, tools_of
+    from kubetune.data.tokenize import Renderer
+
+    records = [json.loads(line) for name in ("data/support-chat.jsonl", "tool-calls.jsonl")
+               for line in (EXAMPLES / name).read_text().splitlines() if line.strip()]
+    conversations = [standardize(r) for r in records] + [CONV, [{"role": "assistant", "content": "Just text.", "weight": 1}]]
+    tools = [tools_of(r) for r in records] + [None, None]
+    assert Renderer(tokenizer).render(CONV, spans=True)[1] is not None  # the one-rendering path is taken
+    one = tokenize_batch(tokenizer, conversations, tools)
+    assert all(t is not None for t in one)
+    assert one == tokenize_batch(tokenizer, conversations, tools, one_pass=False)

@@ -18,7 +18,8 @@ from kubetune.storage import Mirror, is_s3
 # Tool calling as Qwen 2.5 / Hermes write it: the tools as JSON in the system turn (merged with the
 # conversation's system message), each call as <tool_call>{"name", "arguments"}</tool_call> in the
 # assistant turn, each result as <tool_response> in a tool turn. A conversation without tools renders
-# exactly as plain ChatML.
+# exactly as plain ChatML. {% generation %} marks what an assistant turn trains (content, calls and
+# <|im_end|>): preparation takes the labels from one rendering (kubetune.data.tokenize).
 TOOLS_PREAMBLE = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
@@ -41,13 +42,15 @@ CHATML_TEMPLATE = (
     "{% if message['role'] == 'tool' %}"
     "{{ '<|im_start|>tool\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
     "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
-    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] or '' }}"
     "{% for call in message['tool_calls'] %}"
     "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
     "{{ '<tool_call>\n' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
     " + '\n</tool_call>' }}"
     "{% endfor %}"
-    "{{ '<|im_end|>\n' }}"
+    "{{ '<|im_end|>\n' }}{% endgeneration %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>\n' }}{% endgeneration %}"
     "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endif %}"
@@ -121,13 +124,13 @@ def resolve_source(job: FineTuneJob, cache_dir: Path | None = None) -> str:
 
 def load_tokenizer(job: FineTuneJob, texts: Iterable[str] | None = None, cache_dir: Path | None = None):
     """The job's tokenizer: trained on ``texts`` for fromConfig, else the base model's own."""
-    from transformers import AutoTokenizer
-
     fc = job.spec.model.from_config
     if fc is not None:
         if texts is None:
             raise ModelError("a fromConfig tokenizer is trained during preparation; pass the training texts")
         return train_tokenizer(texts, fc.vocab_size)
+    from transformers import AutoTokenizer  # imports torch (0.4 GB): only for a real model's tokenizer
+
     source = resolve_source(job, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -23,7 +23,7 @@ import re
 import sys
 import time
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientConnectorError, ClientResponse, ClientSession, ClientTimeout, web
 
 from kubetune.api import jobs as J
 from kubetune.api.access import Access
@@ -34,6 +34,7 @@ from kubetune.storage import StorageError, join, store_for
 
 NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_UPLOAD = 512 * 1024 * 1024  # OpenAI's limit for one file
+MODEL_START_TIMEOUT = 300  # seconds a chat request waits for a just-served model to come up
 
 
 @web.middleware
@@ -235,8 +236,8 @@ class Api:
                                   f" (the job is {J.openai_status(ftj)}; spec.serve.enabled serves it)"),
                                "model", "model_not_found")
         forward = {k: v for k, v in body.items() if k != "model"}
-        session: ClientSession = request.app["session"]
-        async with session.post(f"{endpoint.rstrip('/')}/chat/completions", json=forward) as upstream:
+        upstream = await _connect(request.app["session"], f"{endpoint.rstrip('/')}/chat/completions", forward, model)
+        async with upstream:
             response = web.StreamResponse(status=upstream.status, headers={
                 "Content-Type": upstream.headers.get("Content-Type", "application/json")})
             await response.prepare(request)
@@ -254,6 +255,24 @@ class Api:
                 data.append({"id": job["fine_tuned_model"], "object": "model", "created": job["finished_at"] or
                              job["created_at"], "owned_by": namespace})
         return web.json_response({"object": "list", "data": data})
+
+
+async def _connect(session: ClientSession, url: str, body: dict, model: str) -> ClientResponse:
+    """POST to a model's server, waiting while it starts: a job is succeeded (at OpenAI, its model answers at
+    once) before its serving pod has loaded the model and passed its readiness probe, and until then the
+    Service refuses connections. Like a serverless cold start, the request is held, not failed."""
+    deadline = time.monotonic() + MODEL_START_TIMEOUT
+    delay = 0.5
+    while True:
+        try:
+            return await session.post(url, json=body)
+        except ClientConnectorError:
+            if time.monotonic() + delay > deadline:
+                raise RequestError(503, f"The model {model!r} is starting and did not answer within "
+                                   f"{MODEL_START_TIMEOUT} s; retry later", "model", "model_not_ready",
+                                   kind="server_error") from None
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 10.0)
 
 
 async def _json(request: web.Request) -> object:

@@ -18,18 +18,16 @@ Messages are validated by ``kubetune.data.formats`` (roles, content, tool calls 
 tools), so a prompt may hold a whole conversation, tool calls included. Prompt turns are never trained
 (weight 0); each answer is one trained assistant turn. A bad shape raises ``FormatError`` naming the field.
 
-``tokenize_pairs`` and ``pair_rows`` give the shards: each pair is two documents of a packed row, chosen
-then rejected (``doc_lens`` ``[c, r]``; packing puts several whole pairs in a row, never splitting one),
-tokenized with the chat template like any conversation, labels on the answer only.
+In the shards (``kubetune.data.shards``) each pair is two documents of a packed row, chosen then rejected
+(``doc_lens`` ``[c, r]``; packing puts several whole pairs in a row, never splitting one), tokenized with
+the chat template like any conversation, labels on the answer only.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from kubetune.data.formats import FormatError, standardize, tools_of
-from kubetune.data.tokenize import IGNORE, Tokenized, pack, tokenize_batch
 
 OPENAI_FIELDS = ("input", "preferred_output", "non_preferred_output")
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -142,52 +140,3 @@ def _renamed(e: FormatError, old: str, new: str) -> FormatError:
     """formats.py's message about ``messages[...]`` reworded for the field it came from."""
     pattern = re.compile(r"\b" + re.escape(old) + ("" if old.endswith("]") else r"\b"))
     return FormatError(pattern.sub(new, str(e)), pattern.sub(new, e.field) if e.field else new)
-
-
-def tokenize_pairs(tokenizer, pairs: list[tuple[list[dict], dict, dict, list | None]], max_len: int,
-                   dropped: Counter) -> tuple[list[int], list[tuple[Tokenized, Tokenized]]]:
-    """Both sides of each (prompt, chosen, rejected, tools) pair tokenized (prompt + answer, labels on the
-    answer); a pair where either side fails the template, is longer than ``max_len`` or has no trained token
-    is dropped and counted (one count per pair). Returns the indices kept and their tokenized sides."""
-    if not pairs:
-        return [], []
-    conversations = [p + [a] for p, c, r, _ in pairs for a in (c, r)]
-    tools = [t for *_, t in pairs for _ in (0, 1)]
-    tokenized = tokenize_batch(tokenizer, conversations, tools)
-    kept, sides = [], []
-    for i in range(len(pairs)):
-        chosen, rejected = tokenized[2 * i], tokenized[2 * i + 1]
-        problem = _side_problem(chosen, max_len) or _side_problem(rejected, max_len)
-        if problem:
-            dropped[problem] += 1
-        else:
-            kept.append(i)
-            sides.append((chosen, rejected))
-    return kept, sides
-
-
-def _side_problem(t: Tokenized | None, max_len: int) -> str | None:
-    if t is None:
-        return "template_mismatch"
-    if len(t.input_ids) > max_len:
-        return "too_long"
-    if all(label == IGNORE for label in t.labels[1:]):
-        return "no_trained_tokens"
-    return None
-
-
-def pair_rows(sides: list[tuple[Tokenized, Tokenized]], max_len: int, packing: bool) -> list[dict]:
-    """Rows of input_ids, labels and doc_lens: pairs packed whole, chosen before rejected. A row holds up to
-    two sequences' worth of tokens (2 x ``max_len``), so any pair of sequences within ``max_len`` fits."""
-    lengths = [len(c.input_ids) + len(r.input_ids) for c, r in sides]
-    groups = pack(lengths, 2 * max_len) if packing else [[i] for i in range(len(sides))]
-    rows = []
-    for group in groups:
-        ids, labels, lens = [], [], []
-        for i in group:
-            for t in sides[i]:
-                ids += t.input_ids
-                labels += [IGNORE] + t.labels[1:]
-                lens.append(len(t.input_ids))
-        rows.append({"input_ids": ids, "labels": labels, "doc_lens": lens})
-    return rows

@@ -107,6 +107,7 @@ def _env(job: FineTuneJob) -> list[dict]:
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": job.metadata.namespace},
         {"name": "KUBETUNE_SCRATCH", "value": SCRATCH},
         {"name": "HOME", "value": SCRATCH},  # the root filesystem is read-only
+        {"name": "TMPDIR", "value": SCRATCH},  # preparation's scratch files (the examples, the shingles)
         {"name": "HF_HOME", "value": f"{SCRATCH}/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
@@ -149,15 +150,17 @@ def _job(job: FineTuneJob, name: str, component: str, pod_spec: dict, settings: 
 
 
 def prepare_job(job: FineTuneJob, settings: Settings) -> dict:
-    """One CPU pod: read, clean, dedup, scrub, tokenize; writes shards and the data report."""
+    """One CPU pod: read, clean, dedup, scrub, tokenize; writes shards and the data report. It works on as
+    many processes as it requests CPUs (a node's core count says nothing of the pod's share)."""
+    requests = job.spec.resources.prepare
     container = {
         "name": "prepare",
         "image": job.spec.resources.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["kubetune", "prepare", JOB_FILE],
-        "env": _env(job),
+        "env": _env(job) + [{"name": "KUBETUNE_WORKERS", "value": str(whole_cpus(requests.cpu))}],
         "envFrom": _env_from(job),
-        "resources": {"requests": job.spec.resources.prepare.model_dump()},
+        "resources": {"requests": requests.model_dump()},
     }
     return _job(job, names(job.metadata.name)["prepare"], "prepare", _pod_spec(job, container), settings)
 
@@ -165,12 +168,13 @@ def prepare_job(job: FineTuneJob, settings: Settings) -> dict:
 def processes_per_node(job: FineTuneJob) -> int:
     """One process per GPU; on CPU one per requested CPU (whole CPUs, at least one)."""
     r = job.spec.resources
-    if r.gpus_per_node:
-        return r.gpus_per_node
-    try:
-        return max(1, int(float(r.cpu or "1")))
-    except ValueError:  # e.g. "500m"
-        return 1
+    return r.gpus_per_node or whole_cpus(r.cpu)
+
+
+def whole_cpus(quantity: str | None) -> int:
+    """Whole CPUs of a CPU quantity, at least one ("500m" and None: 1; "2500m": 2)."""
+    text = quantity or "1"
+    return max(1, int(float(text[:-1]) / 1000 if text.endswith("m") else float(text)))
 
 
 def training_command(job: FineTuneJob, attempt: int, settings: Settings) -> list[str]:
