@@ -362,8 +362,9 @@ def assert_no_pii(ns: str, client) -> int:
 
 
 def cluster_texts(ns: str) -> list[str]:
-    """The job's status, the Events of both namespaces, the operator's log and every container's log."""
-    texts = [json.dumps(ftj(ns)), kubectl("get", "events", "-n", ns, "-o", "json").stdout,
+    """The namespace's jobs (their status), the Events of both namespaces, the operator's log and every
+    container's log."""
+    texts = [kubectl("get", "ftj", "-n", ns, "-o", "json").stdout, kubectl("get", "events", "-n", ns, "-o", "json").stdout,
              kubectl("get", "events", "-n", RELEASE_NS, "-o", "json").stdout,
              kubectl("logs", "-n", RELEASE_NS, "deployment/kubetune-operator", "--tail=-1").stdout]
     for pod in get_json("pods", "-n", ns)["items"]:
