@@ -6,8 +6,10 @@ training included) at growing dataset sizes, against the code of another revisio
 
 The data is `benchmarks/scale_data.py`'s synthetic support chat (1-3 turns, 10 % with PII, 10 % exact or
 near copies), generated once per size into --work. Each run is `python -m kubetune.cli prepare` in a
-subprocess; its memory is sampled every 0.2 s over the whole process tree (workers and the fork server
-included): "peak RSS" is the largest sum seen, "largest process" the largest single process. The
+subprocess; its memory is sampled every 0.5 s over the whole process tree (workers and the fork server
+included): "peak RSS" is the largest sum of resident sets seen, which counts the pages forked workers share
+with their parent once per process; "peak PSS" shares those pages out, so it is what the pod's memory
+cgroup is charged; "largest process" is the largest single resident set. The
 baseline is the `src/` of --baseline-rev (by default the last commit before streaming preparation),
 taken with `git archive` and run the same way, at the sizes up to --baseline-max (its memory grows with
 the data: 1M conversations would need about 80 GiB).
@@ -52,24 +54,36 @@ def sample_tree(proc: psutil.Process, stop: threading.Event, peak: dict) -> None
             procs = [proc] + proc.children(recursive=True)
         except psutil.NoSuchProcess:
             return
-        rss = []
+        rss, pss = [], []
         for p in procs:
             try:
-                rss.append(p.memory_info().rss)
-            except psutil.NoSuchProcess:
-                pass
+                info = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss.append(info.rss)
+            pss.append(info.pss)
         peak["tree"] = max(peak["tree"], sum(rss))
+        peak["pss"] = max(peak["pss"], sum(pss))
         peak["largest"] = max(peak["largest"], max(rss, default=0))
         peak["processes"] = max(peak["processes"], len(rss))
-        stop.wait(0.2)
+        stop.wait(0.5)  # reading smaps for PSS costs CPU: sampling more often slows what it measures
+
+
+def settle(quiet_percent: float = 10, longest: float = 120) -> None:
+    """Wait until the machine is idle: right after a run that freed gigabytes, the kernel's reclaim work (or a
+    virtual machine handing memory back) slowed the next run by up to half."""
+    deadline = time.monotonic() + longest
+    while psutil.cpu_percent(interval=2) > quiet_percent and time.monotonic() < deadline:
+        pass
 
 
 def run(src: Path, job: Path, log: Path, env: dict) -> dict:
+    settle()
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "prepare", str(job)], stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONPATH": str(src)})
-        peak, stop = {"tree": 0, "largest": 0, "processes": 0}, threading.Event()
+        peak, stop = {"tree": 0, "pss": 0, "largest": 0, "processes": 0}, threading.Event()
         sampler = threading.Thread(target=sample_tree, args=(psutil.Process(proc.pid), stop, peak), daemon=True)
         sampler.start()
         rc = proc.wait()
@@ -122,21 +136,21 @@ def main() -> None:
                 row = {"code": name, "conversations": n, "mb": size / 1e6, **result, "per_s": n / result["wall"]}
                 rows.append(row)
                 print(f"  {result['wall']:.0f} s, {row['per_s']:.0f} conversations/s, peak RSS "
-                      f"{result['tree'] / 2**30:.2f} GiB (largest process {result['largest'] / 2**30:.2f} GiB), "
+                      f"{result['tree'] / 2**30:.2f} GiB, PSS {result['pss'] / 2**30:.2f} GiB (largest process {result['largest'] / 2**30:.2f} GiB), "
                       f"{result['train_examples']} train examples, duplicates {result['duplicates']}", flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2))
     print(f"\n{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
           f"baseline {args.baseline_rev}\n")
-    print("| code | conversations | input | wall | conversations/s | peak RSS (tree) | largest process |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| code | conversations | input | wall | conversations/s | peak RSS (tree) | peak PSS (tree) | largest process |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['code']} | {r['conversations']:,} | {r['mb']:.0f} MB | {r['wall']:.0f} s | {r['per_s']:,.0f} | "
-              f"{r['tree'] / 2**30:.2f} GiB | {r['largest'] / 2**30:.2f} GiB |")
+              f"{r['tree'] / 2**30:.2f} GiB | {r['pss'] / 2**30:.2f} GiB | {r['largest'] / 2**30:.2f} GiB |")
     for n in sorted({r["conversations"] for r in rows}):
         pair = {r["code"]: r for r in rows if r["conversations"] == n}
         if len(pair) == 2:
             print(f"{n:,}: {pair['now']['per_s'] / pair['before']['per_s']:.2f}x the conversations/s of "
-                  f"{args.baseline_rev}, {pair['before']['tree'] / pair['now']['tree']:.1f}x less memory")
+                  f"{args.baseline_rev}, {pair['before']['pss'] / pair['now']['pss']:.1f}x less memory (PSS)")
 
 
 if __name__ == "__main__":

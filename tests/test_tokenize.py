@@ -94,3 +94,35 @@ def test_one_rendering_and_the_prefix_method_give_the_same_labels(tokenizer):
     one = tokenize_batch(tokenizer, conversations, tools)
     assert all(t is not None for t in one)
     assert one == tokenize_batch(tokenizer, conversations, tools, one_pass=False)
+
+
+def _whitespace_word_tokenizer():
+    """A tokenizer whose pre-tokenizer drops spaces, so some characters are in no token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["user assistant : Use Settings > Export . How do I export ? 😀 中文 <end>"],
+                            trainers.WordLevelTrainer(special_tokens=["[UNK]", "<end>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<end>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' <end>\n' }}{% endfor %}"
+                          "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}")
+    return fast
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "spaces in no token"])
+def test_labels_are_the_tokens_that_start_inside_trained_turns(tokenizer, kind):
+    """Whatever the tokenizer: a token is trained exactly when its first character is inside a trained
+    assistant turn, also for characters split over several byte tokens and characters in no token."""
+    from kubetune.data.tokenize import render_with_spans
+
+    tok = tokenizer if kind == "byte-level BPE" else _whitespace_word_tokenizer()
+    conversations = [CONV, [{"role": "user", "content": "How do I export? 😀", "weight": 0},
+                            {"role": "assistant", "content": "😀👍🏽 中文 Use Settings > Export.", "weight": 1}]]
+    for conversation, t in zip(conversations, tokenize_batch(tok, conversations)):
+        text, spans = render_with_spans(tok, conversation)
+        enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+        expected = [i if any(s <= start < e for s, e in spans) else IGNORE for i, (start, _) in zip(enc.ids, enc.offsets)]
+        assert t.input_ids == enc.ids and t.labels == expected
+        assert any(label != IGNORE for label in t.labels)

@@ -241,8 +241,8 @@ class PrepareResources(_Model):
 
     cpu: Quantity = Field("1", description="CPU request of the prepare pod; it works on one process per whole CPU.")
     memory: Quantity = Field("2Gi", description="Memory request of the prepare pod; preparation streams, so 2Gi "
-                             "holds about 1 M conversations at 2 CPUs whatever their size (the dedup index grows "
-                             "by about 0.2 KB a conversation).")
+                             "holds about 3 M conversations whatever their size (the dedup index grows by about "
+                             "0.5 KB a conversation).")
 
 
 class Resources(_Model):

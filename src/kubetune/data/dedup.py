@@ -12,7 +12,8 @@ An example is a duplicate when it is at least ``threshold`` similar to an earlie
 Streaming (``Dedup``): documents come in chunks, in input order. What is kept of earlier documents is
 compact and does not grow with their text: exact keys and band keys as uint64 in sorted arrays
 (``KeyIndex``), and the shingles of kept documents in a scratch file (``ShingleFile``), read back only
-for a candidate's Jaccard check. About 15 x 12 bytes of memory per kept document at the defaults.
+for a candidate's Jaccard check. About 19 x 16 bytes of memory per kept document at the defaults (the
+exact key and 18 band keys, each with an id), and up to twice that while the largest run is merged.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ Output layout under ``spec.output.uri``::
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections import Counter, deque
@@ -54,7 +55,7 @@ from kubetune.storage import Mirror, is_s3, join, store_for
 
 MAX_LISTED_BAD_LINES = 100
 TOKENIZER_CHARS_PER_TOKEN = 8  # generous: byte-level BPE tokens average 2-4 characters
-TOKENIZER_TRAINING_CHARS = 50_000_000
+TOKENIZER_TRAINING_CHARS = 10_000_000
 CHUNK = 2000  # records per task of the first pass
 TOKENIZE_CHUNK = 500  # examples per task of the second pass
 PARALLEL_BYTES = 8 << 20  # smaller inputs are prepared in this process: starting workers costs more
@@ -351,8 +352,6 @@ class _Progress:
 
 
 def _workers(input_bytes: int) -> int:
-    import os
-
     if os.environ.get("KUBETUNE_WORKERS"):
         return cpus()
     return cpus() if input_bytes >= PARALLEL_BYTES else 1

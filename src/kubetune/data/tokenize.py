@@ -147,12 +147,37 @@ class Encoder:
                 out.append(None)
                 continue
             ids = np.array(enc.ids, dtype=np.int32)
-            starts = np.array([start for start, _ in enc.offsets], dtype=np.int64)
-            # spans are sorted and apart: a token starts inside one when an odd number of bounds precede it
-            bounds = np.array(r[1], dtype=np.int64).ravel()
-            inside = np.searchsorted(bounds, starts, side="right") % 2 == 1
-            out.append((ids, np.where(inside, ids, np.int32(IGNORE)).astype(np.int32)))
+            out.append((ids, _labels(ids, enc, r[1], len(r[0]))))
         return out
+
+
+def _labels(ids: np.ndarray, enc, spans: list[tuple[int, int]], length: int) -> np.ndarray:
+    """Each token's id where it starts inside a span, else IGNORE. Token starts never decrease, so a span's
+    tokens are one run, found from its two bounds (a few look-ups, not every token's offsets)."""
+    labels = np.full(len(ids), IGNORE, dtype=np.int32)
+    for start, end in spans:
+        a, b = _first_token_from(enc, start, len(ids), length), _first_token_from(enc, end, len(ids), length)
+        if a is None or b is None:  # a bound in no token (a normalizer dropped it): read every offset
+            starts = np.array([s for s, _ in enc.offsets], dtype=np.int64)
+            bounds = np.array(spans, dtype=np.int64).ravel()  # sorted and apart: inside after an odd count
+            inside = np.searchsorted(bounds, starts, side="right") % 2 == 1
+            return np.where(inside, ids, np.int32(IGNORE)).astype(np.int32)
+        labels[a:b] = ids[a:b]
+    return labels
+
+
+def _first_token_from(enc, char: int, n: int, length: int) -> int | None:
+    """The first token starting at or after ``char``; None when no token covers it."""
+    if char >= length:
+        return n
+    k = enc.char_to_token(char)
+    if k is None:
+        return None
+    while k > 0 and enc.token_to_chars(k - 1)[0] >= char:  # bytes of one character split over tokens
+        k -= 1
+    while k < n and enc.token_to_chars(k)[0] < char:
+        k += 1
+    return k
 
 
 def tokenize_batch(tokenizer, conversations: list[list[dict]],
