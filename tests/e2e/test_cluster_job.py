@@ -283,7 +283,8 @@ def test_an_openai_fine_tuning_script_runs_unchanged(s3, namespace, operator_rel
     log(f"openai_finetune.py took {time.monotonic() - started:.0f}s:\n{run.stdout[-3000:]}")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count(": succeeded,") == 2 and "Step " in run.stdout and "checkpoint ft:" in run.stdout
-    assert re.search(rf"^ft:ft-kubetune-tiny-{ns}-support-ftjob-\w+:{ns}:support-dpo:ftjob-\w+: '", run.stdout, re.M), \
+    # the reply, as repr() prints it: in double quotes when it holds a single one
+    assert re.search(rf"^ft:ft-kubetune-tiny-{ns}-support-ftjob-\w+:{ns}:support-dpo:ftjob-\w+: ['\"]", run.stdout, re.M), \
         run.stdout[-1000:]
     jobs = get_json("ftj", "-n", ns)["items"]
     dpo = next(j for j in jobs if j["spec"]["training"].get("objective") == "dpo")
