@@ -154,14 +154,14 @@ class Encoder:
 def _labels(ids: np.ndarray, enc, spans: list[tuple[int, int]], length: int) -> np.ndarray:
     """Each token's id where it starts inside a span, else IGNORE. Token starts never decrease, so a span's
     tokens are one run, found from its two bounds (a few look-ups, not every token's offsets)."""
+    runs = [(_first_token_from(enc, start, len(ids), length), _first_token_from(enc, end, len(ids), length))
+            for start, end in spans]
+    if any(None in run for run in runs):  # a bound in no token (a normalizer dropped it): read every offset
+        starts = np.array([s for s, _ in enc.offsets], dtype=np.int64)
+        bounds = np.array(spans, dtype=np.int64).ravel()  # sorted and apart: inside after an odd count
+        return np.where(np.searchsorted(bounds, starts, side="right") % 2 == 1, ids, np.int32(IGNORE)).astype(np.int32)
     labels = np.full(len(ids), IGNORE, dtype=np.int32)
-    for start, end in spans:
-        a, b = _first_token_from(enc, start, len(ids), length), _first_token_from(enc, end, len(ids), length)
-        if a is None or b is None:  # a bound in no token (a normalizer dropped it): read every offset
-            starts = np.array([s for s, _ in enc.offsets], dtype=np.int64)
-            bounds = np.array(spans, dtype=np.int64).ravel()  # sorted and apart: inside after an odd count
-            inside = np.searchsorted(bounds, starts, side="right") % 2 == 1
-            return np.where(inside, ids, np.int32(IGNORE)).astype(np.int32)
+    for a, b in runs:
         labels[a:b] = ids[a:b]
     return labels
 
