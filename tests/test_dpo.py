@@ -21,6 +21,8 @@ from kubetune.data.formats import FormatError
 from kubetune.data.preference import standardize_pair
 from kubetune.data.prepare import prepare
 from kubetune.packed import IGNORE
+from kubetune.packed.loss import logits_logps
+from kubetune.packed.rows import Rows, collate
 from kubetune.spec import parse_job
 from kubetune.train import dpo
 from test_train_distributed import train
@@ -106,7 +108,10 @@ def test_sequence_log_probs_are_summed_per_document():
     labels[1, 4] = IGNORE
     labels[1, 7:] = IGNORE
     labels[0, 1] = IGNORE  # a prompt token
-    sums, _, _ = dpo.document_logps(logits, labels, doc_lens)
+    rows = Rows(input_ids=[[0] * 10, [0] * 7], labels=[labels[0].tolist(), labels[1, :7].tolist()], doc_lens=doc_lens)
+    batch = collate(rows, [0, 1], pad_id=0)
+    label_logps, _ = logits_logps(logits.flatten(0, 1)[batch.index], batch.target)
+    sums = dpo.document_sums(batch, label_logps)
     logp = torch.log_softmax(logits, -1)
     by_hand = torch.zeros(2, 4)
     for b, lens in enumerate(doc_lens):
@@ -116,10 +121,10 @@ def test_sequence_log_probs_are_summed_per_document():
                 if labels[b, t] != IGNORE:
                     by_hand[b, d] += logp[b, t - 1, labels[b, t]]
             start += n
-    assert torch.allclose(sums, by_hand, atol=1e-5)
-    chosen, rejected = dpo.pair_logps(sums, doc_lens)
-    assert torch.equal(chosen, torch.stack([sums[0, 0], sums[0, 2], sums[1, 0]]))
-    assert torch.equal(rejected, torch.stack([sums[0, 1], sums[0, 3], sums[1, 1]]))
+    assert torch.allclose(sums, torch.cat([by_hand[0], by_hand[1, :2]]), atol=1e-5)  # documents through the batch
+    chosen, rejected = dpo.pair_logps(batch, label_logps)
+    assert torch.equal(chosen, sums[[0, 2, 4]])
+    assert torch.equal(rejected, sums[[1, 3, 5]])
 
 
 def test_pairs_are_packed_whole_chosen_first(tmp_path):

@@ -55,16 +55,16 @@ def test_sigterm_checkpoints_the_last_step_and_the_rerun_redoes_none(tmp_path):
 # The NaN is faked: a tiny fp32 model under AdamW's normalized steps stays finite even at learning
 # rate 1e4 (tried), while real runs diverge in bf16/fp16 at scale. Each rank's loss turns NaN from its
 # 6th training micro batch on (validation is left alone), through a sitecustomize module that wraps
-# token_stats before the trainer loads.
+# the fused loss before the trainer loads.
 POISON = """
 import torch
-import kubetune.packed.rows as rows
-real, calls = rows.token_stats, [0]
-def token_stats(logits, labels):
+import kubetune.packed.loss as loss
+real, calls = loss.token_loss, [0]
+def token_loss(hidden, weight, target, chunk=None):
     calls[0] += torch.is_grad_enabled()
-    loss_sum, correct, count = real(logits, labels)
+    loss_sum, correct, count = real(hidden, weight, target, chunk)
     return (loss_sum * float("nan") if calls[0] >= 6 else loss_sum), correct, count
-rows.token_stats = token_stats
+loss.token_loss = token_loss
 """
 
 

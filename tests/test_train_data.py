@@ -6,7 +6,7 @@ import torch
 
 from kubetune.models import config_for
 from kubetune.packed import attention
-from kubetune.packed.rows import IGNORE, Rows, collate, token_stats
+from kubetune.packed.rows import IGNORE, Rows, collate
 from kubetune.spec import FromConfig
 from kubetune.train.plan import PlanError, fingerprint, make_plan, rank_micro_batches, step_rows
 from kubetune.train.recipe import warmup_cosine
@@ -46,11 +46,12 @@ def test_warmup_then_cosine_to_zero():
     assert f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["loop", "flex"])
+@pytest.mark.parametrize("kernel", ["loop", "flex", "mask"])
 def test_packed_documents_do_not_see_each_other(kernel, monkeypatch):
     """Logits of a packed row equal those of each document run alone (document-wise attention), with
-    either kernel (FlexAttention runs forward only on CPU: its eager reference implementation)."""
-    monkeypatch.setenv("KUBETUNE_ATTENTION", kernel)
+    either kernel (FlexAttention runs forward only on CPU: its eager reference implementation); "mask" is
+    what GPUs get: rows padded to one length and the layout as one BlockMask built from document ids."""
+    monkeypatch.setenv("KUBETUNE_ATTENTION", "flex" if kernel == "mask" else kernel)
     from transformers import LlamaForCausalLM
 
     class Tok:
@@ -65,20 +66,26 @@ def test_packed_documents_do_not_see_each_other(kernel, monkeypatch):
     a, b = list(range(5, 17)), list(range(20, 29))
     rows = Rows(input_ids=[a + b, a], labels=[a + b, a], doc_lens=[[len(a), len(b)], [len(a)]])
     with torch.no_grad():
-        packed = model(**{k: v for k, v in collate(rows, [0, 1], pad_id=0).items() if k != "labels"}).logits
+        batch = collate(rows, [0, 1], pad_id=0, length=128 if kernel == "mask" else None, doc_mask=kernel == "mask")
+        packed = model(**batch.model_inputs()).logits
         alone_a = model(torch.tensor([a])).logits
         alone_b = model(torch.tensor([b])).logits
         mixed = model(torch.tensor([a + b])).logits  # without doc_lens: one causal sequence
     assert torch.allclose(packed[0, : len(a)], alone_a[0], atol=1e-5)
-    assert torch.allclose(packed[0, len(a) :], alone_b[0], atol=1e-5)
+    assert torch.allclose(packed[0, len(a) : len(a + b)], alone_b[0], atol=1e-5)
     assert torch.allclose(packed[1, : len(a)], alone_a[0], atol=1e-5)  # row 1 is padded; pads change nothing
     assert not torch.allclose(mixed[0, len(a) :], alone_b[0], atol=1e-3)  # the check can fail
 
 
-def test_token_stats_count_only_labeled_next_tokens():
-    logits = torch.zeros(1, 4, 5)
-    logits[0, 0, 2] = logits[0, 1, 3] = 10.0  # predicts 2 after position 0, 3 after position 1
-    labels = torch.tensor([[IGNORE, 2, 4, IGNORE]])
-    loss, correct, count = token_stats(logits, labels)
-    assert (correct, count) == (1, 2)
-    assert loss.item() > 0
+def test_collation_lists_the_labeled_positions_and_their_documents():
+    rows = Rows(input_ids=[[5, 6, 7, 8, 9], [1, 2, 3]], labels=[[IGNORE, 6, IGNORE, 8, 9], [IGNORE, IGNORE, 3]],
+                doc_lens=[[2, 3], [3]])
+    batch = collate(rows, [0, 1], pad_id=0, length=8, size=3)
+    assert batch.inputs["input_ids"].shape == (3, 8)  # one fixed shape: rows and length padded
+    # position t is trained when the label at t + 1 is: row 0 predicts 6 at 0, 8 at 2, 9 at 3; row 1 predicts 3 at 1
+    assert batch.index.tolist() == [0, 2, 3, 8 + 1] and batch.target.tolist() == [6, 8, 9, 3]
+    assert batch.doc.tolist() == [0, 1, 1, 2]  # documents numbered through the batch
+    assert batch.labels[0].tolist() == [IGNORE, 6, IGNORE, 8, 9, IGNORE, IGNORE, IGNORE]
+    assert batch.inputs["doc_ids"][0].tolist() == [0, 0, 1, 1, 1, -1, -1, -1]
+    assert batch.inputs["position_ids"][0].tolist() == [0, 1, 0, 1, 2, 0, 0, 0]
+    assert "doc_lens" not in collate(rows, [0], 0, doc_mask=True).model_inputs()  # the fused kernel's inputs

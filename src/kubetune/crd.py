@@ -31,6 +31,14 @@ def _structural(node: Any, defs: dict) -> Any:
         real = [o for o in options if o.get("type") != "null"]
         if len(real) == 1:
             return _structural({**real[0], **node}, defs)
+        elif sorted(o.get("type") for o in real) == ["integer", "string"]:
+            # int | Literal["auto"]: Kubernetes' int-or-string, its values checked by a rule
+            number, word = sorted(real, key=lambda o: o["type"])
+            words = word.get("enum") or [word["const"]]
+            rule = f"type(self) == int ? self >= {number.get('minimum', 0)} : self in {words!r}".replace("'", '"')
+            node["x-kubernetes-int-or-string"] = True
+            node["x-kubernetes-validations"] = [{"rule": rule, "message": f"a number of at least "
+                                                 f"{number.get('minimum', 0)}, or one of: {', '.join(words)}"}]
         elif all(o.get("type") in ("string", "array") for o in real):
             # str | list[str] has no structural type; accept any value, the model validates it.
             node["x-kubernetes-preserve-unknown-fields"] = True

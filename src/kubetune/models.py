@@ -64,6 +64,14 @@ SIZE_PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8),
     "base": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    # Shaped like real models (grouped-query attention, their tying), for benchmarks without a hub:
+    # TinyLlama 1.1B, Llama 3.2 3B, Llama 3.1 8B. Their vocabulary is the tokenizer's (vocabSize).
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, tie_word_embeddings=False),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, max_position_embeddings=8192),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False, max_position_embeddings=8192),
 }
 
 
@@ -93,14 +101,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 def config_for(fc: FromConfig, tokenizer):
     from transformers import LlamaConfig
 
+    shape = {"max_position_embeddings": 4096, "tie_word_embeddings": True, **SIZE_PRESETS[fc.size]}
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=True,
-        **SIZE_PRESETS[fc.size],
+        **shape,
     )
 
 
@@ -143,15 +150,17 @@ def load_tokenizer(job: FineTuneJob, texts: Iterable[str] | None = None, cache_d
     return tokenizer
 
 
-def load_model(job: FineTuneJob, tokenizer, source: str | None = None, dtype=None):
-    """The base causal LM: ``source`` (a resolved folder) or a fresh model from the config preset."""
+def load_model(job: FineTuneJob, tokenizer, source: str | None = None, dtype=None, device=None):
+    """The base causal LM: ``source`` (a resolved folder) or a fresh model from the config preset (built on
+    ``device``: an 8B-shaped model is built on the GPU in seconds, on the host in minutes)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     fc = job.spec.model.from_config
     if fc is not None and source is None:
         torch.manual_seed(job.spec.training.seed)
-        return LlamaForCausalLM(config_for(fc, tokenizer)).to(dtype or torch.float32)
+        with torch.device(device or "cpu"):
+            return LlamaForCausalLM(config_for(fc, tokenizer)).to(dtype or torch.float32)
     source = source or resolve_source(job)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
@@ -159,21 +168,18 @@ def load_model(job: FineTuneJob, tokenizer, source: str | None = None, dtype=Non
         raise ModelError(f"model.source: cannot load a model from {source}: {str(e).splitlines()[0]}") from None
 
 
-def build_model(job: FineTuneJob, tokenizer, source: str | None, dtype):
-    """The model as the trainer trains it: packed-row attention, gradient checkpointing, LoRA."""
+def build_model(job: FineTuneJob, tokenizer, source: str | None, dtype, device=None):
+    """The model as the trainer trains it: packed-row attention, LoRA. (Gradient checkpointing, the fused loss
+    and compiled blocks are the trainer's choices: ``kubetune.train.recipe.setup``.)"""
     from kubetune.packed import attention
 
     t = job.spec.training
-    model = load_model(job, tokenizer, source=source, dtype=dtype)
+    model = load_model(job, tokenizer, source=source, dtype=dtype, device=device)
     model.set_attn_implementation(attention.register())  # packed rows: attention within each document
     model.config.use_cache = False
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     if t.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        if t.gradient_checkpointing:
-            model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(
             r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
             target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))

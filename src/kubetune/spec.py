@@ -54,10 +54,11 @@ class FromConfig(_Model):
     """Initialize a small model from a config (no model hub needed); the tokenizer is trained on the job's data."""
 
     architecture: Literal["llama"] = Field("llama", description="Model architecture.")
-    size: Literal["tiny", "small", "base"] = Field(
-        "tiny", description="Size preset: tiny (~0.5M params), small (~10M), base (~100M)."
+    size: Literal["tiny", "small", "base", "1b", "3b", "8b"] = Field(
+        "tiny", description="Size preset: tiny (~0.5M params), small (~10M), base (~100M); 1b, 3b and 8b are shaped "
+        "like TinyLlama 1.1B, Llama 3.2 3B and Llama 3.1 8B (grouped-query attention), for benchmarks."
     )
-    vocab_size: int = Field(2048, ge=256, le=65536, description="Vocabulary size of the tokenizer trained on the data.")
+    vocab_size: int = Field(2048, ge=256, le=262144, description="Vocabulary size of the tokenizer trained on the data.")
 
 
 class ModelSource(_Model):
@@ -169,13 +170,20 @@ class Training(_Model):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default 2e-4 for lora, 2e-5 for full.")
     global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step across all ranks.")
-    micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward pass.")
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Rows per rank per forward pass (the global batch stays exact through gradient "
+        "accumulation). auto: on GPUs the largest that fits, found by a short probe at start; on CPU 4.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps of linear warmup before cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     offload: bool = Field(False, description="Offload optimizer state to CPU (ZeRO 2/3).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Trade compute for activation memory. Absent (auto): on only when a micro batch of one "
+        "row does not fit in GPU memory without it.")
+    compile: bool | None = Field(
+        None, description="torch.compile each decoder block (fuses norms, activations and rotary embeddings). "
+        "Absent (auto): on with GPUs and ZeRO stages 0-2; it needs the fused attention kernel, so not on CPU.")
     checkpoint_every: int = Field(200, ge=1, description="Save a checkpoint every this many steps (and at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="Keep only the newest this many complete checkpoints.")
     eval_every: int = Field(50, ge=1, description="Compute validation metrics every this many steps (and at the end).")

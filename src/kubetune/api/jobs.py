@@ -192,7 +192,8 @@ def job_document(body: dict, name: str, namespace: str, files: dict[str, dict], 
         training["epochs"] = hp["n_epochs"]
     if hp["batch_size"] is not None:
         training["globalBatchSize"] = hp["batch_size"]
-        training["microBatchSize"] = min(training.get("microBatchSize", 4), hp["batch_size"])
+        if isinstance(training.get("microBatchSize"), int):  # else auto: the trainer fits it to the batch
+            training["microBatchSize"] = min(training["microBatchSize"], hp["batch_size"])
     if hp["learning_rate_multiplier"] is not None:
         training["learningRate"] = DEFAULT_LR[training.get("method", "lora")] * hp["learning_rate_multiplier"]
     if kind == "dpo" and hp["beta"] is not None:

@@ -78,13 +78,14 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch
 
 def validation(model, prepared: Path, pad_id: int) -> dict:
     """Validation loss, perplexity and assistant-token accuracy on the validation shards (as in training)."""
-    from kubetune.packed import attention
-    from kubetune.packed.rows import load_rows, validation_metrics, validation_totals
+    from kubetune.packed import attention, head
+    from kubetune.packed.rows import Collator, load_rows, validation_metrics, validation_totals
 
     rows = load_rows(prepared, "validation")
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.register())  # packed rows: attend within documents
-    totals = validation_totals(model, rows, list(range(len(rows))), 4, pad_id, model.device)
+    head.install(model)  # the loss without full-vocabulary logits, as in training
+    totals = validation_totals(model, rows, list(range(len(rows))), 4, Collator(pad_id), model.device)
     model.set_attn_implementation(previous)
     return validation_metrics(totals)
 
@@ -94,18 +95,19 @@ def preference_validation(models: dict, prepared: Path, pad_id: int, beta: float
     reports them, with the base model (``models["base"]``) as the reference. The base's implicit rewards are
     then 0 by definition (preference accuracy 0, margin 0); valid_logp_accuracy, how often the chosen answer is
     the likelier one, needs no reference and so compares the two."""
-    from kubetune.packed import attention
-    from kubetune.packed.rows import load_rows
+    from kubetune.packed import attention, head
+    from kubetune.packed.rows import Collator, load_rows
     from kubetune.train.dpo import Dpo, StoredReference
 
     rows = load_rows(prepared, "validation")
     previous = {name: model.config._attn_implementation for name, model in models.items()}
     for model in models.values():
         model.set_attn_implementation(attention.register())  # packed rows: attend within documents
-    base = models["base"]
-    reference = StoredReference.compute(base, {"validation": rows}, 4, pad_id, base.device)
+        head.install(model)
+    base, collator = models["base"], Collator(pad_id)
+    reference = StoredReference.compute(base, {"validation": rows}, 4, collator, base.device)
     objective = Dpo(beta, sft_weight, reference)
-    out = {name: objective.metrics(objective.totals(model, rows, list(range(len(rows))), 4, pad_id, model.device))
+    out = {name: objective.metrics(objective.totals(model, rows, list(range(len(rows))), 4, collator, model.device))
            for name, model in models.items()}
     for name, model in models.items():
         model.set_attn_implementation(previous[name])

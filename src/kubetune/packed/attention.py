@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,15 +42,18 @@ def kernel_for(query: torch.Tensor, dropout: float) -> str:
     return chosen
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, doc_lens=None, **kwargs):
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, doc_lens=None,
+                     doc_mask=None, **kwargs):
     # query: (batch, heads, length, dim); key/value may have fewer heads (grouped-query attention)
     gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
-    if doc_lens is None:
+    if doc_mask is not None:  # a BlockMask built once for the micro batch (``with_doc_mask``): shapes never vary
+        out = _flex(query, key, value, doc_mask, scaling, gqa)
+    elif doc_lens is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=query.shape[2] > 1,
                                              scale=scaling, dropout_p=p, enable_gqa=gqa)
     elif kernel_for(query, p) == "flex":
-        out = _flex(query, key, value, doc_lens, scaling, gqa)
+        out = _flex(query, key, value, block_mask(doc_lens, query.shape[2], query.device), scaling, gqa)
     else:
         out = _loop(query, key, value, doc_lens, scaling, p, gqa)
     return out.transpose(1, 2).contiguous(), None
@@ -72,39 +76,53 @@ def _loop(query, key, value, doc_lens, scaling, p, gqa):
     return torch.cat(rows, dim=0)
 
 
-def document_ids(doc_lens, length: int, device) -> torch.Tensor:
+def document_ids(doc_lens, length: int, device=None) -> torch.Tensor:
     """(batch, length): each token's document index in its row; -1 for padding."""
-    ids = torch.full((len(doc_lens), length), -1, dtype=torch.int32)
+    return torch.from_numpy(document_ids_array(doc_lens, length)).to(device)
+
+
+def document_ids_array(doc_lens, length: int) -> np.ndarray:
+    ids = np.full((len(doc_lens), length), -1, dtype=np.int32)
     for b, lens in enumerate(doc_lens):
-        start = 0
-        for i, n in enumerate(lens):
-            ids[b, start : start + n] = i
-            start += n
-    return ids.to(device)
+        ids[b, : sum(lens)] = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
+    return ids
+
+
+def mask_from_ids(ids: torch.Tensor):
+    """The document-causal BlockMask of a batch whose token document ids (-1: padding) are on the device."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def document_causal(b, h, q, k):
+        return (ids[b, q] == ids[b, k]) & (q >= k)
+
+    batch, length = ids.shape
+    # _compile: built on the device by a compiled kernel, not by evaluating the mask over every block pair
+    return create_block_mask(document_causal, batch, None, length, length, device=ids.device, _compile=ids.is_cuda)
 
 
 def block_mask(doc_lens, length: int, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
+    """The BlockMask for ``doc_lens``, built once per forward pass (its layers share it)."""
     key = (tuple(tuple(int(n) for n in lens) for lens in doc_lens), length, str(device))
     if key not in _mask_cache:
-        ids = document_ids(doc_lens, length, device)
-
-        def document_causal(b, h, q, k):
-            return (ids[b, q] == ids[b, k]) & (q >= k)
-
         _mask_cache.clear()
-        _mask_cache[key] = create_block_mask(document_causal, len(doc_lens), None, length, length, device=device)
+        _mask_cache[key] = mask_from_ids(document_ids(doc_lens, length, device))
     return _mask_cache[key]
 
 
-def _flex(query, key, value, doc_lens, scaling, gqa):
+def with_doc_mask(inputs: dict) -> dict:
+    """Model inputs for the fused kernel: the layout as one BlockMask built here, on the device, instead of
+    ``doc_lens`` (a Python list: a compiled block would guard on its values and recompile for every layout)."""
+    out = {k: v for k, v in inputs.items() if k not in ("doc_lens", "doc_ids")}
+    out["doc_mask"] = mask_from_ids(inputs["doc_ids"])
+    return out
+
+
+def _flex(query, key, value, mask, scaling, gqa):
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    mask = block_mask(doc_lens, query.shape[2], query.device)
-    if not query.is_cuda:  # the eager reference implementation (CPU inference only)
-        return flex_attention(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
+    if not query.is_cuda or torch.compiler.is_compiling():  # CPU: the reference (inference only); compiled
+        return flex_attention(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)  # blocks trace it
     if _compiled_flex is None:  # uncompiled, flex_attention materializes the scores: compile once
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)

@@ -1,15 +1,18 @@
 """Prepared shards in, model-ready tensors out.
 
 Packed rows carry ``doc_lens``. Collation gives per-document position ids and passes the layout
-on as ``doc_lens``, which ``kubetune.packed.attention`` uses to attend within each document only.
-(Position ids alone do not isolate documents under sdpa or eager attention.) Isolation is checked
-against the documents run alone in tests/test_train_data.py.
+on as ``doc_lens`` (or, for the fused kernel, as one BlockMask), which ``kubetune.packed.attention``
+uses to attend within each document only. (Position ids alone do not isolate documents under sdpa or
+eager attention.) Isolation is checked against the documents run alone in tests/test_train_data.py.
+Collation also lists the labeled positions, so the loss (``kubetune.packed.head``) computes logits
+there only.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +23,22 @@ from kubetune.packed import IGNORE
 
 
 class Rows:
-    """Packed rows as arrays, with per-row counts precomputed so each step does no Python loops over tokens."""
+    """Packed rows as arrays, with per-row counts and label positions precomputed so each step does no Python
+    loops over tokens."""
 
     def __init__(self, input_ids: list[list[int]], labels: list[list[int]], doc_lens: list[list[int]]):
         self.input_ids = [np.asarray(r, dtype=np.int64) for r in input_ids]
         self.labels = [np.asarray(r, dtype=np.int64) for r in labels]
-        self.positions = [np.concatenate([np.arange(n) for n in lens]) for lens in doc_lens]
         self.doc_lens = [list(lens) for lens in doc_lens]
+        self.positions = [np.concatenate([np.arange(n) for n in lens]) if lens else np.zeros(0, np.int64)
+                          for lens in self.doc_lens]
+        self.docs = [np.repeat(np.arange(len(lens), dtype=np.int32), lens) for lens in self.doc_lens]
+        # A label predicts the token after it, so a row's first label never counts: position t is trained
+        # when the label at t + 1 is.
+        self.label_at = [np.flatnonzero(r[1:] != IGNORE) for r in self.labels]
         self.lengths = np.array([len(r) for r in self.input_ids])
-        # A label predicts the token after it, so a row's first label never counts.
-        self.trained = np.array([int((r[1:] != IGNORE).sum()) for r in self.labels])
+        self.trained = np.array([len(at) for at in self.label_at])
+        self.squared = np.array([sum(n * n for n in lens) for lens in self.doc_lens])  # attention's work
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -40,6 +49,10 @@ class Rows:
     def tokens(self, idx) -> int:
         return int(self.lengths[np.asarray(idx, dtype=np.int64)].sum())
 
+    def fixed_length(self, multiple: int = 128) -> int:
+        """The longest row rounded up to ``multiple``: one length for every batch, so shapes never vary."""
+        return int(-(-max(self.lengths.max(initial=1), 1) // multiple) * multiple)
+
 
 def load_rows(prepared: Path, split: str) -> Rows:
     meta = json.loads((prepared / "prepared" / "meta.json").read_text())
@@ -47,46 +60,96 @@ def load_rows(prepared: Path, split: str) -> Rows:
     return Rows(**{k: [v for t in tables for v in t[k]] for k in ("input_ids", "labels", "doc_lens")})
 
 
-def collate(rows: Rows, idx, pad_id: int) -> dict:
+@dataclass
+class Batch:
+    """A micro batch: the model's inputs, and where its labels are (so the output layer runs only there)."""
+
+    inputs: dict  # input_ids, position_ids, doc_ids (B, L) tensors; doc_lens (a list per row)
+    index: torch.Tensor  # (N,) flat positions b * L + t whose next token is labeled
+    target: torch.Tensor  # (N,) that label
+    doc: torch.Tensor  # (N,) the document of each label, numbered through the batch row by row
+    rows: list[int]  # the prepared rows it holds (padding rows excluded)
+    doc_mask: bool = False  # give the model one BlockMask instead of doc_lens (fused kernel, fixed shapes)
+
+    def to(self, device) -> Batch:
+        """On ``device``; from pinned memory the copies do not block the host."""
+        def move(v):
+            return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+        return Batch({k: move(v) for k, v in self.inputs.items()}, move(self.index), move(self.target),
+                     move(self.doc), self.rows, self.doc_mask)
+
+    def pin(self) -> Batch:
+        def pin(v):
+            return v.pin_memory() if isinstance(v, torch.Tensor) else v
+
+        return Batch({k: pin(v) for k, v in self.inputs.items()}, pin(self.index), pin(self.target), pin(self.doc),
+                     self.rows, self.doc_mask)
+
+    def model_inputs(self) -> dict:
+        """The keyword arguments of the model's forward pass."""
+        if self.doc_mask:
+            from kubetune.packed.attention import with_doc_mask
+
+            return with_doc_mask(self.inputs)
+        return {k: v for k, v in self.inputs.items() if k != "doc_ids"}
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """(B, L) labels as the model sees them (IGNORE elsewhere), rebuilt from the label positions."""
+        ids = self.inputs["input_ids"]
+        out = torch.full((ids.numel(),), IGNORE, dtype=torch.int64, device=ids.device)
+        out[self.index + 1] = self.target
+        return out.view(ids.shape)
+
+
+@dataclass(frozen=True)
+class Collator:
+    """How micro batches are shaped. ``length`` and ``size`` fix them (compiled kernels see one shape)."""
+
+    pad_id: int
+    length: int | None = None  # pad rows to this; None: to the longest row of the batch
+    size: int | None = None  # pad a batch to this many rows with empty ones; None: as many as given
+    doc_mask: bool = False
+
+    def __call__(self, rows: Rows, idx) -> Batch:
+        return collate(rows, idx, self.pad_id, self.length, self.size, self.doc_mask)
+
+
+def collate(rows: Rows, idx, pad_id: int, length: int | None = None, size: int | None = None,
+            doc_mask: bool = False) -> Batch:
     idx = [int(i) for i in idx]
-    length = int(rows.lengths[idx].max())
-    n = len(idx)
+    length = length or int(rows.lengths[idx].max(initial=1))
+    n = max(len(idx), size or 0)
     input_ids = np.full((n, length), pad_id, dtype=np.int64)
-    labels = np.full((n, length), IGNORE, dtype=np.int64)
     position_ids = np.zeros((n, length), dtype=np.int64)
+    doc_ids = np.full((n, length), -1, dtype=np.int32)
+    index, target, doc, docs_before = [], [], [], 0
     for b, i in enumerate(idx):
-        size = rows.lengths[i]
-        input_ids[b, :size] = rows.input_ids[i]
-        labels[b, :size] = rows.labels[i]
-        position_ids[b, :size] = rows.positions[i]
-    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(position_ids), "doc_lens": [rows.doc_lens[i] for i in idx]}
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token loss, correct predictions and count over labeled positions."""
-    # ignore_index instead of boolean selection: selecting rows makes backward an index_put.
-    logits, target = logits[:, :-1].float(), labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
-    keep = target != IGNORE
-    correct = int(((logits.detach().argmax(-1) == target) & keep).sum())
-    return loss, correct, int(keep.sum())
+        size_i, at = rows.lengths[i], rows.label_at[i]
+        input_ids[b, :size_i] = rows.input_ids[i]
+        position_ids[b, :size_i] = rows.positions[i]
+        doc_ids[b, :size_i] = rows.docs[i]
+        index.append(b * length + at)
+        target.append(rows.labels[i][at + 1])
+        doc.append(rows.docs[i][at + 1].astype(np.int64) + docs_before)
+        docs_before += len(rows.doc_lens[i])
+    cat = lambda parts: torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.int64))  # noqa: E731
+    inputs = {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(position_ids),
+              "doc_ids": torch.from_numpy(doc_ids), "doc_lens": [rows.doc_lens[i] for i in idx] + [[]] * (n - len(idx))}
+    return Batch(inputs, cat(index), cat(target), cat(doc), idx, doc_mask)
 
 
 @torch.no_grad()
-def validation_totals(model, rows: Rows, idx: list[int], micro: int, pad_id: int, device) -> torch.Tensor:
+def validation_totals(model, rows: Rows, idx: list[int], micro: int, collator: Collator, device) -> torch.Tensor:
     """(summed loss, correct, count) over the given validation rows, as float64 on ``device``."""
-    totals = torch.zeros(3, dtype=torch.float64)
+    from kubetune.packed.head import forward_loss
+
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     for i in range(0, len(idx), micro):
-        batch = to_device(collate(rows, idx[i : i + micro], pad_id), device)
-        labels = batch.pop("labels")
-        loss, correct, count = token_stats(model(**batch).logits, labels)
-        totals += torch.tensor([loss.item(), correct, count], dtype=torch.float64)
-    return totals.to(device)
+        loss, correct, count = forward_loss(model, collator(rows, idx[i : i + micro]).to(device))
+        totals += torch.stack([loss.double(), correct.double(), count.double()])
+    return totals
 
 
 def validation_metrics(totals: torch.Tensor) -> dict:
@@ -95,4 +158,3 @@ def validation_metrics(totals: torch.Tensor) -> dict:
     loss = loss_sum / max(count, 1)
     return {"valid_loss": loss, "valid_perplexity": math.exp(min(loss, 50)),
             "valid_mean_token_accuracy": correct / max(count, 1)}
-

@@ -8,7 +8,6 @@ of checkpoints (``status.checkpoints``), and decides when to stop early.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,42 +17,33 @@ from kubetune.status import Status
 from kubetune.storage import Mirror, join
 from kubetune.train import checkpoint
 from kubetune.train.distributed import rank0_decides
+from kubetune.train.flops import peak_flops
 from kubetune.train.metrics import EarlyStopping, MetricsLog, columns_for
 from kubetune.train.plan import BatchPlan
 from kubetune.train.progress import LocalSink, reporter_for
 
-# Dense (no sparsity) bf16 peak FLOP/s of one GPU, by the model named in its device name.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
-
-def peak_flops(device_name: str | None) -> float | None:
-    """The peak of a GPU as ``torch.cuda.get_device_name()`` names it ("NVIDIA A100-SXM4-80GB"); None if unknown."""
-    for word in re.split(r"[^A-Za-z0-9]+", (device_name or "").upper()):
-        if word in PEAK_BF16_FLOPS:
-            return PEAK_BF16_FLOPS[word]
-    return None
-
-
-def mfu(params: int, tokens_per_s: float, peak_per_gpu: float | None, gpus: int) -> float | None:
-    """Model FLOPs utilization: 6 FLOPs per parameter per trained token (forward and backward) over the
-    peak of all GPUs; None without a known peak (CPU, an unknown GPU)."""
-    if not peak_per_gpu or gpus <= 0:
-        return None
-    return 6 * params * tokens_per_s / (peak_per_gpu * gpus)
-
-
 class Cost:
-    """GPU-hours over all attempts (the total so far travels with each checkpoint) and MFU; None on CPU."""
+    """GPU-hours over all attempts (the total so far travels with each checkpoint) and MFU; None on CPU.
 
-    def __init__(self, gpus: int, device_name: str | None, params: int, started: float):
-        self.gpus, self.peak, self.params, self.started = gpus, peak_flops(device_name), params, started
+    MFU is the model FLOPs of the steps (``kubetune.train.flops``: the work the step really does, attention over
+    the real document lengths) per second over the peak of all GPUs. ``observe`` keeps the FLOPs per token of
+    the latest step, so ``mfu(tokens_per_s)`` follows the data's layout."""
+
+    def __init__(self, gpus: int, device_name: str | None, started: float):
+        self.gpus, self.peak, self.started = gpus, peak_flops(device_name), started
         self.before = 0.0  # GPU-hours of earlier attempts
+        self.flops_per_token = 0.0
+
+    def observe(self, step_flops: float, step_tokens: int) -> None:
+        self.flops_per_token = step_flops / max(step_tokens, 1)
 
     def gpu_hours(self) -> float | None:
         return self.before + self.gpus * (time.monotonic() - self.started) / 3600 if self.gpus else None
 
     def mfu(self, tokens_per_s: float) -> float | None:
-        return mfu(self.params, tokens_per_s, self.peak, self.gpus)
+        if not self.peak or self.gpus <= 0:
+            return None
+        return self.flops_per_token * tokens_per_s / (self.peak * self.gpus)
 
 
 def _rounded(value: float | None, digits: int = 4) -> float | None:

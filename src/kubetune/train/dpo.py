@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kubetune.packed import IGNORE
-from kubetune.packed.attention import document_ids
-from kubetune.packed.rows import Rows, collate, to_device
+from kubetune.packed.head import forward_logps
+from kubetune.packed.rows import Batch, Collator, Rows
 
 # Totals summed over pairs / chosen tokens (and reduced over ranks), in this order.
 FIELDS = ("loss", "pairs", "accurate", "margin", "logp_chosen", "logp_rejected", "logp_accurate",
@@ -44,31 +44,24 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
-def document_logps(logits: torch.Tensor, labels: torch.Tensor, doc_lens: list[list[int]]):
-    """(batch, documents) summed label log-probabilities per document; and per label position its
-    log-probability (0 where unlabeled) and document index (-1 on padding), aligned with ``labels[:, 1:]``."""
-    target = labels[:, 1:]
-    logp = -F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
-                            reduction="none").view(target.shape)
-    docs = document_ids(doc_lens, labels.shape[1], labels.device)[:, 1:].long()  # a label's document: its token's
-    width = max(len(lens) for lens in doc_lens)
-    sums = logp.new_zeros(labels.shape[0], width + 1)  # the last column collects padding (zeros anyway)
-    sums.scatter_add_(1, torch.where(docs >= 0, docs, width), logp)
-    return sums[:, :width], logp, docs
+def document_sums(batch: Batch, logp: torch.Tensor) -> torch.Tensor:
+    """Each document's summed label log-probabilities, documents numbered through the batch row by row."""
+    docs = sum(len(lens) for lens in batch.inputs["doc_lens"])
+    return logp.new_zeros(docs).index_add_(0, batch.doc, logp)
 
 
-def pair_index(doc_lens: list[list[int]]) -> tuple[list[int], list[int]]:
-    """Row and document index of each pair's chosen document, in row order (rejected is the next one)."""
-    rows = [b for b, lens in enumerate(doc_lens) for _ in range(len(lens) // 2)]
-    docs = [2 * k for lens in doc_lens for k in range(len(lens) // 2)]
-    return rows, docs
+def chosen_documents(batch: Batch) -> torch.Tensor:
+    """The number (through the batch) of each pair's chosen document, in row order; rejected is the next one."""
+    out, before = [], 0
+    for lens in batch.inputs["doc_lens"]:
+        out += [before + 2 * k for k in range(len(lens) // 2)]
+        before += len(lens)
+    return torch.tensor(out, dtype=torch.long, device=batch.doc.device)
 
 
-def pair_logps(sums: torch.Tensor, doc_lens: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, docs = pair_index(doc_lens)
-    rows_t = torch.tensor(rows, dtype=torch.long, device=sums.device)
-    docs_t = torch.tensor(docs, dtype=torch.long, device=sums.device)
-    return sums[rows_t, docs_t], sums[rows_t, docs_t + 1]
+def pair_logps(batch: Batch, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    sums, chosen = document_sums(batch, logp), chosen_documents(batch)
+    return sums[chosen], sums[chosen + 1]
 
 
 def rank_chunks(idx: list[int], rows: int, micro: int, world: int) -> list[list[int]]:
@@ -86,12 +79,11 @@ def _world_size() -> int:
 class AdapterReference:
     """LoRA: the base model is the policy with its adapter off."""
 
-    def logps(self, model, batch: dict, idx, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, model, batch: Batch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         peft_model = getattr(model, "module", model)  # the DeepSpeed engine's module, or the PeftModel itself
         with torch.no_grad(), peft_model.disable_adapter():
-            logits = peft_model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        sums, _, _ = document_logps(logits, batch["labels"], batch["doc_lens"])
-        return pair_logps(sums, batch["doc_lens"])
+            logp, _ = forward_logps(peft_model, batch)
+        return pair_logps(batch, logp)
 
 
 class StoredReference:
@@ -103,7 +95,7 @@ class StoredReference:
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, model, rows: dict[str, Rows], micro: int, pad_id: int, device, rank: int = 0,
+    def compute(cls, model, rows: dict[str, Rows], micro: int, collator: Collator, device, rank: int = 0,
                 world: int = 1) -> StoredReference:
         """Every rank a slice of each split's rows; the sums are reduced over ranks when distributed."""
         was_training = model.training
@@ -113,12 +105,13 @@ class StoredReference:
             offsets = np.concatenate([[0], np.cumsum([len(d) for d in part.doc_lens])])
             out = torch.zeros(int(offsets[-1]), dtype=torch.float64)
             for chunk in rank_chunks(list(range(rank, len(part), world)), len(part), micro, world):
-                batch = to_device(collate(part, chunk or [0], pad_id), device)  # empty: a pass to discard
-                labels = batch.pop("labels")
-                sums, _, _ = document_logps(model(**batch).logits, labels, batch["doc_lens"])
-                for b, row in enumerate(chunk):
+                batch = collator(part, chunk or [0]).to(device)  # empty: a pass to discard
+                sums = document_sums(batch, forward_logps(model, batch)[0]).double().cpu()
+                before = 0
+                for row in chunk:
                     n = len(part.doc_lens[row])
-                    out[offsets[row] : offsets[row] + n] = sums[b, :n].double().cpu()
+                    out[offsets[row] : offsets[row] + n] = sums[before : before + n]
+                    before += n
             if world > 1:
                 out = out.to(device)
                 dist.all_reduce(out)
@@ -126,11 +119,12 @@ class StoredReference:
         model.train(was_training)
         return cls(values, rows)
 
-    def logps(self, model, batch: dict, idx, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def logps(self, model, batch: Batch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         values, offsets = self.values[split], self.offsets[split]
-        flat = [offsets[int(row)] + d for row, lens in zip(idx, batch["doc_lens"]) for d in range(0, len(lens) // 2 * 2, 2)]
-        chosen = torch.tensor(values[flat], dtype=torch.float32, device=batch["input_ids"].device)
-        rejected = torch.tensor(values[[f + 1 for f in flat]], dtype=torch.float32, device=batch["input_ids"].device)
+        flat = [offsets[row] + d for row, lens in zip(batch.rows, batch.inputs["doc_lens"])
+                for d in range(0, len(lens) // 2 * 2, 2)]
+        chosen = torch.tensor(values[flat], dtype=torch.float32, device=batch.doc.device)
+        rejected = torch.tensor(values[[f + 1 for f in flat]], dtype=torch.float32, device=batch.doc.device)
         return chosen, rejected
 
 
@@ -140,23 +134,18 @@ class Dpo:
     def __init__(self, beta: float, sft_weight: float, reference):
         self.beta, self.sft_weight, self.reference = beta, sft_weight, reference
 
-    def pair_stats(self, model, batch: dict, idx, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(summed DPO loss, summed NLL of the chosen answers' tokens, the FIELDS totals of this batch)."""
-        labels = batch["labels"]
-        ref_chosen, ref_rejected = self.reference.logps(model, batch, idx, split)  # first: no graph kept
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits
-        sums, logp, docs = document_logps(logits, labels, batch["doc_lens"])
-        chosen, rejected = pair_logps(sums, batch["doc_lens"])
+    def pair_stats(self, model, batch: Batch, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summed DPO loss, summed NLL of the chosen answers' tokens, the FIELDS totals of this batch, on the device)."""
+        ref_chosen, ref_rejected = self.reference.logps(model, batch, split)  # first: no graph kept
+        logp, correct = forward_logps(model, batch)
+        chosen, rejected = pair_logps(batch, logp)
         losses, reward_chosen, reward_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
-        target = labels[:, 1:]
-        on_chosen = (target != IGNORE) & (docs >= 0) & (docs % 2 == 0)  # the answer tokens of chosen documents
+        on_chosen = torch.isin(batch.doc, chosen_documents(batch))  # the answer tokens of chosen documents
         nll = -(logp * on_chosen).sum()
-        correct = ((logits[:, :-1].detach().argmax(-1) == target) & on_chosen).sum()
         totals = torch.stack([x.double() for x in (
-            losses.detach().sum(), torch.tensor(len(losses), device=logits.device), (reward_chosen > reward_rejected).sum(),
+            losses.detach().sum(), torch.tensor(len(losses), device=logp.device), (reward_chosen > reward_rejected).sum(),
             (reward_chosen - reward_rejected).sum(), chosen.detach().sum(), rejected.detach().sum(),
-            (chosen.detach() > rejected.detach()).sum(), nll.detach(), correct, on_chosen.sum())]).cpu()
+            (chosen.detach() > rejected.detach()).sum(), nll.detach(), (correct & on_chosen).sum(), on_chosen.sum())])
         return losses.sum(), nll, totals
 
     width = len(FIELDS)
@@ -165,11 +154,11 @@ class Dpo:
         """The global batch's pairs and chosen-answer tokens: what its loss is a mean over."""
         return pairs(rows, idx), chosen_tokens(rows, idx)
 
-    def micro_loss(self, engine, batch: dict, idx, norm: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_loss(self, engine, batch: Batch, norm: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """This micro batch's share of the global batch's loss: the DPO loss is the mean over the global batch's
         pairs, plus ``sft_weight`` x the mean NLL over its chosen answers' tokens."""
         pairs, chosen_tokens = norm
-        loss, nll, totals = self.pair_stats(engine, batch, idx, "train")
+        loss, nll, totals = self.pair_stats(engine, batch, "train")
         if self.sft_weight:
             loss = loss / max(pairs, 1) + self.sft_weight * nll / max(chosen_tokens, 1)
         else:
@@ -177,11 +166,12 @@ class Dpo:
         return loss, totals
 
     @torch.no_grad()
-    def totals(self, model, rows: Rows, idx: list[int], micro: int, pad_id: int, device, split: str = "validation"):
+    def totals(self, model, rows: Rows, idx: list[int], micro: int, collator: Collator, device,
+               split: str = "validation"):
         """The FIELDS totals over the rows ``idx`` (when distributed, this rank's every world-th row)."""
-        totals = torch.zeros(len(FIELDS), dtype=torch.float64)
+        totals = torch.zeros(len(FIELDS), dtype=torch.float64, device=device)
         for chunk in rank_chunks(idx, len(rows), micro, _world_size()):
-            found = self.pair_stats(model, to_device(collate(rows, chunk or [0], pad_id), device), chunk or [0], split)[2]
+            found = self.pair_stats(model, collator(rows, chunk or [0]).to(device), split)[2]
             totals += found if chunk else 0  # an empty chunk: a pass run only to keep the ranks in step
         return totals
 
@@ -227,9 +217,9 @@ def pairs(rows: Rows, idx) -> int:
     return int(sum(len(rows.doc_lens[i]) // 2 for i in np.asarray(idx, dtype=np.int64)))
 
 
-def reference_for(method: str, engine, train_rows: Rows, valid_rows: Rows, micro: int, pad_id: int):
+def reference_for(method: str, engine, train_rows: Rows, valid_rows: Rows, micro: int, collator: Collator):
     """The reference model for this fine-tuning method (see the module's docstring). Every rank calls it."""
     if method == "lora":
         return AdapterReference()
-    return StoredReference.compute(engine, {"train": train_rows, "validation": valid_rows}, micro, pad_id,
+    return StoredReference.compute(engine, {"train": train_rows, "validation": valid_rows}, micro, collator,
                                    engine.device, dist.get_rank(), dist.get_world_size())

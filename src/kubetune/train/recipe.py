@@ -15,18 +15,21 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from kubetune.models import build_model, resolve_source
-from kubetune.packed.rows import Rows, collate, load_rows, to_device, token_stats, validation_metrics, validation_totals
+from kubetune.packed import attention, head
+from kubetune.packed.rows import Batch, Collator, Rows, load_rows, validation_metrics, validation_totals
 from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import Mirror
-from kubetune.train import dpo, extensions
+from kubetune.train import batching, dpo, extensions
 from kubetune.train.bookkeeping import Bookkeeper, Cost
 from kubetune.errors import KubetuneError
+from kubetune.train.flops import Shape, shape_of
 from kubetune.train.distributed import Preemption, is_node_leader
 from kubetune.train.export import export_model
 from kubetune.train.progress import report_start
@@ -81,17 +84,17 @@ class Sft:
     def normalizer(self, rows: Rows, idx) -> int:
         return rows.label_tokens(idx)
 
-    def micro_loss(self, engine, batch: dict, idx, label_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = batch.pop("labels")
-        loss_sum, correct, count = token_stats(engine(**batch).logits, labels)
-        return loss_sum / label_tokens, torch.tensor([loss_sum.item(), correct, count], dtype=torch.float64)
+    def micro_loss(self, engine, batch: Batch, label_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This micro batch's share of the step's loss, and its totals, kept on the device (no host sync)."""
+        loss_sum, correct, count = head.forward_loss(engine, batch)
+        return loss_sum / label_tokens, torch.stack([loss_sum.detach().double(), correct.double(), count.double()])
 
     def step_metrics(self, totals: torch.Tensor) -> dict:
-        return {"train_loss": totals[0].item() / max(totals[2].item(), 1),
-                "train_accuracy": totals[1].item() / max(totals[2].item(), 1)}
+        loss, correct, count = totals.tolist()
+        return {"train_loss": loss / max(count, 1), "train_accuracy": correct / max(count, 1)}
 
-    def totals(self, model, rows: Rows, idx: list[int], micro: int, pad_id: int, device) -> torch.Tensor:
-        return validation_totals(model, rows, idx, micro, pad_id, device)
+    def totals(self, model, rows: Rows, idx: list[int], micro: int, collator: Collator, device) -> torch.Tensor:
+        return validation_totals(model, rows, idx, micro, collator, device)
 
     def metrics(self, totals: torch.Tensor) -> dict:
         return validation_metrics(totals)
@@ -102,7 +105,7 @@ def evaluate(run: Run) -> dict:
     engine, rows = run.engine, run.valid_rows
     engine.eval()
     totals = run.objective.totals(engine, rows, list(range(run.rank, len(rows), run.world)), run.plan.micro,
-                                  run.tokenizer.pad_token_id, engine.device).to(engine.device)
+                                  run.validation_collator, engine.device).to(engine.device)
     engine.train()
     dist.all_reduce(totals)
     return run.objective.metrics(totals)
@@ -136,14 +139,40 @@ class Run:
     rank: int
     world: int
     objective: Sft | dpo.Dpo
+    collator: Collator  # training micro batches
+    validation_collator: Collator
+    shape: Shape  # what the FLOPs of a step depend on
+    gradient_checkpointing: bool
+    compiled: bool
 
     def describe(self) -> str:
         t, plan = self.job.spec.training, self.plan
+        extras = [name for name, on in (("gradient checkpointing", self.gradient_checkpointing),
+                                        ("compiled blocks", self.compiled),
+                                        ("fused loss", head.head_of(self.engine) is not None)) if on]
         return (f"[train] {self.world} process(es) on {'GPU' if self.on_gpu else 'CPU'} ({self.dtype}), "
                 f"ZeRO-{t.zero_stage}, {t.method}" + (f", DPO (beta {t.dpo.beta})" if t.objective == "dpo" else "")
-                + f"; global batch {plan.global_batch} = {plan.micro} micro x "
-                f"{plan.accum} accumulation x {self.world}; {plan.total_steps} steps "
-                f"({plan.steps_per_epoch} per epoch)")
+                + f"; global batch {plan.global_batch} = {plan.micro} micro"
+                + (" (auto)" if t.micro_batch_size == "auto" else "") + f" x {plan.accum} accumulation x "
+                f"{self.world}; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch)"
+                + (f"; {', '.join(extras)}" if extras else ""))
+
+    def step_flops(self, rows: np.ndarray) -> float:
+        """Model FLOPs of a global batch (``kubetune.train.flops``)."""
+        r = self.train_rows
+        return self.shape.step_flops(r.tokens(rows), r.label_tokens(rows), int(r.squared[rows].sum()))
+
+    def micro_batches(self, start: int) -> Iterator[Batch]:
+        """This rank's micro batches from step ``start`` on, in order, collated ahead on a thread; pinned on GPUs."""
+        t = self.job.spec.training
+
+        def collated():
+            for step in range(start, self.plan.total_steps):
+                for micro_rows in rank_micro_batches(step_rows(self.plan, t.seed, step), self.plan, self.rank):
+                    batch = self.collator(self.train_rows, micro_rows)
+                    yield batch.pin() if self.on_gpu else batch
+
+        return batching.prefetch(collated())
 
 
 def setup(job: FineTuneJob) -> Run:
@@ -157,6 +186,7 @@ def setup(job: FineTuneJob) -> Run:
     on_gpu = deepspeed.get_accelerator().device_name() == "cuda"
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
+    device = torch.device(deepspeed.get_accelerator().current_device_name())
     scratch = Path(os.environ.get("KUBETUNE_SCRATCH") or tempfile.gettempdir()) / f"kubetune-{job.metadata.name}"
     scratch.mkdir(parents=True, exist_ok=True)
 
@@ -164,20 +194,95 @@ def setup(job: FineTuneJob) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     check_objective(prepared, t.objective)
     train_rows, valid_rows = load_rows(prepared, "train"), load_rows(prepared, "validation")
-    plan = make_plan(len(train_rows), t.global_batch_size, t.micro_batch_size, world, t.epochs, t.max_steps)
+    per_rank_cap = t.micro_batch_size if isinstance(t.micro_batch_size, int) else t.global_batch_size
+    plan = make_plan(len(train_rows), t.global_batch_size, per_rank_cap, world, t.epochs, t.max_steps)
     source = None if spec.model.from_config else resolve_source(job, scratch / "base-model")
-    model = build_model(job, tokenizer, source, dtype)
+    model = build_model(job, tokenizer, source, dtype, device)
+    head.install(model)
+    # The fused attention kernel takes one BlockMask per micro batch and every row padded to one length, so
+    # compiled blocks see one shape; the per-document loop (CPU) pads to each batch's longest row.
+    fused = on_gpu and attention.kernel_for(torch.empty(0, device=device), model.config.attention_dropout) == "flex"
+    length = max(train_rows.fixed_length(), valid_rows.fixed_length()) if fused else None
+    collator = Collator(tokenizer.pad_token_id, length, None, fused)
+    plan, checkpointing = fit_micro_batch(job, model, plan, collator, train_rows, world, on_gpu)
+    compiled = compile_blocks(model, t.compile, fused, t.zero_stage)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.95),
+                                  fused=on_gpu and not t.offload)  # one kernel for all parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.total_steps, t.warmup_ratio))
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job, plan, bf16))
+    validation_collator = Collator(tokenizer.pad_token_id, length, plan.micro if compiled else None, fused)
     objective = Sft()
     if t.objective == "dpo":  # here, before a checkpoint is loaded: the engine holds the base model's weights
-        reference = dpo.reference_for(t.method, engine, train_rows, valid_rows, plan.micro, tokenizer.pad_token_id)
+        reference = dpo.reference_for(t.method, engine, train_rows, valid_rows, plan.micro, validation_collator)
         objective = dpo.Dpo(t.dpo.beta, t.dpo.sft_weight, reference)
     return Run(job, engine, scheduler, tokenizer, train_rows, valid_rows, plan, source, dtype, on_gpu, scratch,
-               rank, world, objective)
+               rank, world, objective, collator, validation_collator, shape_of(engine), checkpointing, compiled)
+
+
+def fit_micro_batch(job: FineTuneJob, model, plan: BatchPlan, collator: Collator, rows: Rows, world: int,
+                    on_gpu: bool) -> tuple[BatchPlan, bool]:
+    """The micro batch (``training.microBatchSize``: a number, or auto) and whether gradient checkpointing is on
+    (``training.gradientCheckpointing``: true, false, or auto: only when one row does not fit without it).
+    Every rank ends with the same answer."""
+    t = job.spec.training
+    checkpointing = bool(t.gradient_checkpointing)
+    if t.micro_batch_size != "auto" or not on_gpu:
+        micro = plan.micro if t.micro_batch_size != "auto" else batching.divisor_at_most(plan.per_rank, batching.CPU_MICRO)
+        set_checkpointing(model, checkpointing)
+        return make_plan(plan.rows, plan.global_batch, micro, world, t.epochs, t.max_steps), checkpointing
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reserve = batching.model_state_bytes(trainable, t.zero_stage, world, t.offload)
+    log = print if dist.get_rank() == 0 else (lambda _: None)
+    longest = np.argsort(-rows.lengths, kind="stable")
+
+    def batch_of(m: int) -> Batch:
+        return collator(rows, longest[:m]).to(next(model.parameters()).device)
+
+    micro = None
+    for checkpointing in ([checkpointing] if t.gradient_checkpointing is not None else [False, True]):
+        set_checkpointing(model, checkpointing)
+        micro = batching.probe(model, batch_of, lambda mod, b: head.forward_loss(mod, b)[0], plan.per_rank,
+                               reserve, log)
+        if micro:
+            break
+    agreed = torch.tensor([micro or 0], device=next(model.parameters()).device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if not agreed.item():
+        raise batching.DoesNotFit(
+            f"one row of {collator.length or rows.lengths.max()} tokens does not fit in GPU memory"
+            + ("" if checkpointing else " even with gradient checkpointing")
+            + "; try method: lora, zeroStage: 3, offload: true, more GPUs or a lower preprocessing.maxSeqLength")
+    log(f"[train] micro batch {agreed.item()} (auto: the largest of {plan.per_rank} rows per rank that fits)"
+        + (", with gradient checkpointing" if checkpointing else ""))
+    return make_plan(plan.rows, plan.global_batch, int(agreed.item()), world, t.epochs, t.max_steps), checkpointing
+
+
+def set_checkpointing(model, on: bool) -> None:
+    base = head.unwrap(model)
+    if on and not base.is_gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+        if base is not model:  # LoRA: the frozen embeddings' output must carry gradients into checkpointed blocks
+            base.enable_input_require_grads()
+    elif not on and base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+
+
+def compile_blocks(model, wanted: bool | None, fused: bool, zero_stage: int) -> bool:
+    """torch.compile each decoder block in place, as torchtitan does (``training.compile``; absent: with the fused
+    kernel and ZeRO 0-2). The blocks share one compiled graph; state dict keys do not change."""
+    if wanted is False or not fused or (wanted is None and zero_stage == 3):
+        if wanted and not fused:
+            print("[train] training.compile: compiling needs the fused attention kernel (GPUs); not compiled")
+        return False
+    blocks = getattr(getattr(head.unwrap(model), "model", None), "layers", None)
+    if blocks is None:
+        print("[train] training.compile: this architecture's decoder blocks were not found; not compiled")
+        return False
+    for block in blocks:
+        block.compile(dynamic=False)
+    return True
 
 
 def check_objective(prepared: Path, objective: str) -> None:
@@ -188,31 +293,31 @@ def check_objective(prepared: Path, objective: str) -> None:
                             "prepare the data again (kubetune prepare)")
 
 
-def train_step(run: Run, rows: np.ndarray, preemption: Preemption) -> tuple[dict, bool]:
-    """One optimizer step on the global batch ``rows``: loss and accuracy over all its trained tokens,
-    and whether any rank got SIGTERM by the step's end (reduced with them: no collective of its own)."""
+def train_step(run: Run, rows: np.ndarray, micro_batches: Iterator[Batch], preemption: Preemption) -> tuple[dict, bool]:
+    """One optimizer step on the global batch ``rows`` (this rank's ``plan.accum`` micro batches of it are the next
+    of ``micro_batches``): loss and accuracy over all its trained tokens, and whether any rank got SIGTERM by
+    the step's end (reduced with them: no collective of its own). The host reads the device once, at the end."""
     engine, plan, objective = run.engine, run.plan, run.objective
     norm = objective.normalizer(run.train_rows, rows)  # what the global batch's loss is a mean over
-    stats = torch.zeros(objective.width + 1, dtype=torch.float64)
-    for micro_rows in rank_micro_batches(rows, plan, run.rank):
-        batch = to_device(collate(run.train_rows, micro_rows, run.tokenizer.pad_token_id), engine.device)
-        loss, micro_stats = objective.micro_loss(engine, batch, micro_rows, norm)
+    stats = torch.zeros(objective.width + 1, dtype=torch.float64, device=engine.device)
+    for _ in range(plan.accum):
+        batch = next(micro_batches).to(engine.device)
+        loss, micro_stats = objective.micro_loss(engine, batch, norm)
         # DeepSpeed divides by accumulation steps and averages over ranks; undo both, so the
         # step's loss is the mean over the whole global batch (every trained token; for DPO every pair).
         engine.backward(loss * plan.accum * run.world)
         engine.step()
         stats[:-1] += micro_stats
     stats[-1] = float(preemption.requested)
-    stats = stats.to(engine.device)
     dist.all_reduce(stats)
-    return objective.step_metrics(stats[:-1].cpu()), stats[-1].item() > 0
+    stats = stats.cpu()
+    return objective.step_metrics(stats[:-1]), stats[-1].item() > 0
 
 
 def cost(run: Run, began: float) -> Cost:
-    """GPU-hours and MFU bookkeeping: GPUs and their model; parameters counted whole under ZeRO-3 too."""
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters())
+    """GPU-hours and MFU bookkeeping: GPUs and their model."""
     gpus = run.world if run.on_gpu else 0
-    return Cost(gpus, torch.cuda.get_device_name() if run.on_gpu else None, params, began)
+    return Cost(gpus, torch.cuda.get_device_name() if run.on_gpu else None, began)
 
 
 def train(job_file: str) -> None:
@@ -231,10 +336,11 @@ def train(job_file: str) -> None:
 
     engine.train()
     timer, tokens_per_s, preemption = time.monotonic(), 0.0, Preemption()
+    micro_batches, first = run.micro_batches(start), None
     for step in range(start, book.total_steps):  # none left when the resumed run had stopped early
         torch.manual_seed(t.seed * 1_000_003 + step)  # dropout depends on the step, not on history
         rows = step_rows(plan, t.seed, step)
-        metrics, stop = train_step(run, rows, preemption)
+        metrics, stop = train_step(run, rows, micro_batches, preemption)
         done = step + 1
         if not math.isfinite(metrics["train_loss"]):  # every rank sees the same reduced loss: all stop here
             raise TrainingDiverged(
@@ -242,17 +348,24 @@ def train(job_file: str) -> None:
                 f"(the last complete checkpoint is {book.latest_ckpt or 'none'}); try a lower training.learningRate")
         elapsed, timer = time.monotonic() - timer, time.monotonic()
         tokens_per_s = run.train_rows.tokens(rows) / elapsed
+        book.cost.observe(run.step_flops(rows), run.train_rows.tokens(rows))
+        if first is None:  # the first step compiles (blocks, kernels): its time would be a wrong ETA
+            first = elapsed
+        elif done == start + 2:
+            book.log(f"[train] first step {first:.1f} s, then {elapsed:.2f} s a step"
+                     + (f" (torch.compile: about {first - elapsed:.0f} s)" if run.compiled else ""))
         row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 3), **metrics,
                "learning_rate": run.scheduler.get_last_lr()[0], "tokens_per_second": round(tokens_per_s, 1),
                "batch": fingerprint(rows)}
         if done % t.eval_every == 0 or book.due(done):  # each checkpoint's marker keeps its validation metrics
             metrics.update(evaluate(run))
             row.update(metrics)
-        book.after_step(engine, row, metrics, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
+        eta = None if done == start + 1 and done < plan.total_steps else (plan.total_steps - done) * elapsed
+        book.after_step(engine, row, metrics, tokens_per_s, eta=eta)
         if book.stopped_at:  # early stopping: every rank got rank 0's decision, and the checkpoint is written
             break
         if stop and done < plan.total_steps:
-            book.checkpoint(engine, done, tokens_per_s, eta=(plan.total_steps - done) * elapsed)
+            book.checkpoint(engine, done, tokens_per_s, eta=eta)
             raise Preempted(f"stopped by SIGTERM after step {done}, with a complete checkpoint of it; "
                             "the next attempt resumes there")
 
