@@ -26,7 +26,8 @@ def test_schema_is_structural_and_documented():
     for path, node in _walk(schema):
         for banned in ("$ref", "anyOf", "const", "title", "$defs"):
             assert banned not in node, f"{path} has {banned}"
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        assert ("type" in node or node.get("x-kubernetes-preserve-unknown-fields")
+                or node.get("x-kubernetes-int-or-string")), f"{path} has no type"
         if path.count(".") >= 2 and "[]" not in path and "{" not in path:
             assert node.get("description"), f"{path} has no description for kubectl explain"
 

@@ -227,12 +227,33 @@ def test_prefetch_keeps_the_order_and_raises_the_producers_error():
     with pytest.raises(ValueError, match="bad shard"):
         next(got)
 
-    def slow():
-        for i in range(3):
-            time.sleep(0.05)
+    made = []
+
+    def collated():
+        for i in range(5):
+            made.append(i)
             yield i
 
-    start = time.monotonic()
-    feed = batching.prefetch(slow(), depth=3)
-    time.sleep(0.2)  # the consumer's "compute": the producer works meanwhile
-    assert list(feed) == [0, 1, 2] and time.monotonic() - start < 0.3
+    feed = batching.prefetch(collated(), depth=2)
+    deadline = time.monotonic() + 10
+    while len(made) < 3 and time.monotonic() < deadline:  # the consumer "computes"; the producer works meanwhile
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert made == [0, 1, 2]  # two waiting in the queue, one in hand: no further ahead than depth
+    assert list(feed) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none; benchmarks/gpu_check.sh runs it)")
+def test_on_a_gpu_the_micro_step_never_synchronizes():
+    rows, _ = packed_batch()
+    model = tiny().cuda()
+    head.install(model)
+    batch = collate(rows, [0, 1], pad_id=0, length=128, doc_mask=True).pin().to("cuda")
+    Sft().micro_loss(model, batch, 10)[0].backward()  # the first pass compiles FlexAttention
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, totals = Sft().micro_loss(model, batch, rows.label_tokens([0, 1]))
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -51,6 +51,8 @@ def from_schema(node: dict) -> st.SearchStrategy:
     """Values the schema allows (types, enums, bounds, required fields); CEL rules are not considered."""
     if "enum" in node:
         return st.sampled_from(node["enum"])
+    if node.get("x-kubernetes-int-or-string"):  # microBatchSize: a number or "auto"
+        return st.one_of(st.integers(min_value=-2, max_value=64), st.sampled_from(["auto", "Auto", "8", ""]))
     if "type" not in node:  # x-kubernetes-preserve-unknown-fields: anything
         return st.one_of(st.text(max_size=20), st.lists(st.text(max_size=20), max_size=3), st.integers())
     kind = node["type"]

@@ -136,6 +136,7 @@ def build(job: FineTuneJob, prepared_dir: Path, gate: dict | None, parity: dict 
         "data": data(_read_json(store, join(out, "data_report.json"))),
         "prepared": {"files": prepared, "hash": tree_hash(prepared) if prepared else None},
         "training": spec.training.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "trainer_choices": trainer_choices(_read_json(store, join(out, "progress.json"))),
         "final_metrics": final_metrics(_read(store, join(out, "metrics.csv"))),
         "evaluation": _read_json(store, join(out, "eval_report.json"), key="metrics") if spec.evaluation.samples or gate else None,
         "gate": gate,
@@ -144,6 +145,13 @@ def build(job: FineTuneJob, prepared_dir: Path, gate: dict | None, parity: dict 
         "trainer_image": os.environ.get("KUBETUNE_TRAINER_IMAGE"),
         "output": out,
     }
+
+
+def trainer_choices(progress: dict | None) -> dict:
+    """What the trainer chose where the spec says auto (micro batch, gradient checkpointing, compiled blocks),
+    from its last progress record."""
+    keys = ("microBatchSize", "gradientCheckpointing", "compiled")
+    return {k: progress[k] for k in keys if isinstance(progress, dict) and progress.get(k) is not None}
 
 
 def _read(store, uri: str) -> bytes | None:

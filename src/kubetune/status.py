@@ -74,7 +74,12 @@ class Progress(_Model):
     eta_seconds: int | None = Field(None, description="Estimated seconds left.")
     tokens_per_second: float
     gpu_hours: float | None = Field(None, description="GPU-hours used by this job so far (GPUs x hours, all attempts).")
-    mfu: float | None = Field(None, description="Model FLOPs utilization on GPUs: achieved / peak FLOP/s (0-1).")
+    mfu: float | None = Field(None, description="Model FLOPs utilization on GPUs: achieved / peak FLOP/s (0-1); "
+                              "the FLOPs the step really does (see the README's Training section).")
+    micro_batch_size: int | None = Field(None, description="Rows per rank per forward pass (training.microBatchSize "
+                                         "as resolved; auto: what the probe found).")
+    gradient_checkpointing: bool | None = Field(None, description="Whether gradient checkpointing is on.")
+    compiled: bool | None = Field(None, description="Whether the decoder blocks run torch.compile'd.")
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="Latest train_loss, train_accuracy, valid_loss, ...; evaluation at the end.")
     checkpoint: str | None = Field(None, description="The latest complete checkpoint.")

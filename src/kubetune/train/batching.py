@@ -94,11 +94,14 @@ def prefetch(batches: Iterable, depth: int = 2) -> Iterator:
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             q.put(e)
 
-    threading.Thread(target=produce, daemon=True, name="kubetune-collate").start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    def consume():
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    threading.Thread(target=produce, daemon=True, name="kubetune-collate").start()  # now, not at the first next()
+    return consume()

@@ -52,8 +52,9 @@ def _rounded(value: float | None, digits: int = 4) -> float | None:
 
 class Bookkeeper:
     def __init__(self, job: FineTuneJob, plan: BatchPlan, scratch: Path, rank: int, export: Callable[[str], None],
-                 cost: Cost):
+                 cost: Cost, choices: dict | None = None):
         self.job, self.plan, self.scratch, self.rank = job, plan, scratch, rank
+        self.choices = choices or {}  # what the trainer chose for the spec's "auto"s, for progress and lineage
         self.export, self.cost = export, cost  # export(uri) writes uri/model: every rank calls it
         self.out, self.storage = job.spec.output.uri, job.spec.storage
         self.metrics_dir = Mirror(self.out, scratch / "metrics", self.storage)  # metrics.csv, tensorboard/, the plot
@@ -161,7 +162,7 @@ class Bookkeeper:
             "gpuHours": _rounded(self.cost.gpu_hours()), "mfu": _rounded(self.cost.mfu(tokens_per_s)),
             # rounded: `kubectl get ftj` shows them as they are
             "metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in self.latest_metrics.items()},
-            "checkpoint": self.latest_ckpt,
+            "checkpoint": self.latest_ckpt, **self.choices,
         }, force=force)
 
     def close(self, tokens_per_s: float) -> None:

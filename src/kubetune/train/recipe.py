@@ -330,7 +330,9 @@ def train(job_file: str) -> None:
     run = setup(job)
     engine, plan = run.engine, run.plan
     export = partial(export_model, engine, job, run.tokenizer, run.source, run.dtype, run.scratch)  # export(dest)
-    book = Bookkeeper(job, plan, run.scratch, run.rank, export, cost(run, began))
+    book = Bookkeeper(job, plan, run.scratch, run.rank, export, cost(run, began),
+                      {"microBatchSize": plan.micro, "gradientCheckpointing": run.gradient_checkpointing,
+                       "compiled": run.compiled})
     start = book.resume(engine)
     book.log(run.describe())
 
