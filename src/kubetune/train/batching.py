@@ -57,26 +57,32 @@ def model_state_bytes(trainable: int, zero_stage: int, world: int, offload: bool
 
 
 def probe(model, batch_of: Callable[[int], object], step: Callable[[object, object], torch.Tensor],
-          per_rank: int, reserve: int, log=print) -> int | None:
+          per_rank: int, reserve: int, log=print, halve: bool = True) -> int | None:
     """The largest micro batch whose forward and backward pass fits beside ``reserve`` bytes; the model's
     gradients are dropped afterwards. ``batch_of(m)`` makes a device batch of m rows, ``step(model, batch)``
-    returns the loss to backpropagate."""
+    returns the loss to backpropagate. Without ``halve``, ``per_rank`` alone is tried."""
+    device = next(model.parameters()).device
+
     def fits(micro: int) -> bool:
         held = batch = None
         try:
-            held = torch.empty(reserve, dtype=torch.uint8, device="cuda")
+            held = torch.empty(reserve, dtype=torch.uint8, device=device)
             batch = batch_of(micro)
             step(model, batch).backward()
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             return True
         except torch.OutOfMemoryError:
-            log(f"[train] micro batch {micro}: out of GPU memory, trying a smaller one")
+            log(f"[train] micro batch {micro}: out of GPU memory" + (", trying a smaller one" if halve else ""))
             return False
         finally:
             del held, batch
             model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
+    if not halve:
+        return per_rank if fits(per_rank) else None
     return largest_fitting(per_rank, fits)
 
 

@@ -204,8 +204,8 @@ def setup(job: FineTuneJob) -> Run:
     fused = on_gpu and attention.kernel_for(torch.empty(0, device=device), model.config.attention_dropout) == "flex"
     length = max(train_rows.fixed_length(), valid_rows.fixed_length()) if fused else None
     collator = Collator(tokenizer.pad_token_id, length, None, fused)
-    plan, checkpointing = fit_micro_batch(job, model, plan, collator, train_rows, world, on_gpu)
     compiled = compile_blocks(model, t.compile, fused, t.zero_stage)
+    plan, checkpointing, compiled = fit_micro_batch(job, model, plan, collator, train_rows, world, on_gpu, compiled)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.95),
                                   fused=on_gpu and not t.offload)  # one kernel for all parameters
@@ -222,41 +222,60 @@ def setup(job: FineTuneJob) -> Run:
 
 
 def fit_micro_batch(job: FineTuneJob, model, plan: BatchPlan, collator: Collator, rows: Rows, world: int,
-                    on_gpu: bool) -> tuple[BatchPlan, bool]:
-    """The micro batch (``training.microBatchSize``: a number, or auto) and whether gradient checkpointing is on
-    (``training.gradientCheckpointing``: true, false, or auto: only when one row does not fit without it).
-    Every rank ends with the same answer."""
+                    on_gpu: bool, compiled: bool) -> tuple[BatchPlan, bool, bool]:
+    """The micro batch (``training.microBatchSize``: a number, or auto), whether gradient checkpointing is on
+    (``training.gradientCheckpointing``: true, false, or auto: only when one row does not fit without it) and
+    whether the blocks stay compiled. On GPUs the probe runs the longest rows forward and backward, so compiled
+    blocks are compiled here, for the shape training uses, and a compiler that fails is found here: the blocks
+    then run eagerly. Every rank ends with the same answer."""
     t = job.spec.training
-    checkpointing = bool(t.gradient_checkpointing)
-    if t.micro_batch_size != "auto" or not on_gpu:
-        micro = plan.micro if t.micro_batch_size != "auto" else batching.divisor_at_most(plan.per_rank, batching.CPU_MICRO)
-        set_checkpointing(model, checkpointing)
-        return make_plan(plan.rows, plan.global_batch, micro, world, t.epochs, t.max_steps), checkpointing
+    auto = t.micro_batch_size == "auto"
+    if not on_gpu:  # no out-of-memory to catch: the kernel kills the process
+        micro = batching.divisor_at_most(plan.per_rank, batching.CPU_MICRO) if auto else plan.micro
+        set_checkpointing(model, bool(t.gradient_checkpointing))
+        return make_plan(plan.rows, plan.global_batch, micro, world, t.epochs, t.max_steps), bool(
+            t.gradient_checkpointing), compiled
+    device = next(model.parameters()).device
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    reserve = batching.model_state_bytes(trainable, t.zero_stage, world, t.offload)
+    reserve = batching.model_state_bytes(trainable, t.zero_stage, world, t.offload) if auto else 0
     log = print if dist.get_rank() == 0 else (lambda _: None)
     longest = np.argsort(-rows.lengths, kind="stable")
 
-    def batch_of(m: int) -> Batch:
-        return collator(rows, longest[:m]).to(next(model.parameters()).device)
+    def probe() -> int | None:  # a fixed micro batch is tried as it is: it fits, or not
+        return batching.probe(model, lambda m: collator(rows, longest[:m]).to(device),
+                              lambda mod, b: head.forward_loss(mod, b)[0], plan.per_rank if auto else plan.micro,
+                              reserve, log, halve=auto)
 
-    micro = None
-    for checkpointing in ([checkpointing] if t.gradient_checkpointing is not None else [False, True]):
+    micro, options = None, [t.gradient_checkpointing] if t.gradient_checkpointing is not None else [False, True]
+    for checkpointing in options:
         set_checkpointing(model, checkpointing)
-        micro = batching.probe(model, batch_of, lambda mod, b: head.forward_loss(mod, b)[0], plan.per_rank,
-                               reserve, log)
+        try:
+            micro = probe()
+        except Exception as e:  # noqa: BLE001 - out of memory is the probe's; anything else here is the compiler
+            if not compiled:
+                raise
+            log(f"[train] torch.compile failed, the blocks run uncompiled: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            compiled = uncompile_blocks(model)
+            micro = probe()
         if micro:
             break
-    agreed = torch.tensor([micro or 0], device=next(model.parameters()).device)
+    agreed = torch.tensor([micro or 0, int(compiled)], device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    if not agreed.item():
+    micro, all_compiled = int(agreed[0].item()), bool(agreed[1].item())
+    if compiled and not all_compiled:  # one rank's compiler failed: all run the same code
+        compiled = uncompile_blocks(model)
+    if not micro:
         raise batching.DoesNotFit(
-            f"one row of {collator.length or rows.lengths.max()} tokens does not fit in GPU memory"
+            (f"one row of {collator.length} tokens does not fit in GPU memory" if auto else
+             f"training.microBatchSize {plan.micro} rows of {collator.length} tokens do not fit in GPU memory")
             + ("" if checkpointing else " even with gradient checkpointing")
-            + "; try method: lora, zeroStage: 3, offload: true, more GPUs or a lower preprocessing.maxSeqLength")
-    log(f"[train] micro batch {agreed.item()} (auto: the largest of {plan.per_rank} rows per rank that fits)"
-        + (", with gradient checkpointing" if checkpointing else ""))
-    return make_plan(plan.rows, plan.global_batch, int(agreed.item()), world, t.epochs, t.max_steps), checkpointing
+            + "; try " + ("" if auto else "microBatchSize: auto, ") + "method: lora, zeroStage: 3, offload: true, "
+            "more GPUs or a lower preprocessing.maxSeqLength")
+    if auto:
+        log(f"[train] micro batch {micro} (auto: the largest of {plan.per_rank} rows per rank that fits)"
+            + (", with gradient checkpointing" if checkpointing else ""))
+    return make_plan(plan.rows, plan.global_batch, micro, world, t.epochs, t.max_steps), checkpointing, compiled
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -276,13 +295,27 @@ def compile_blocks(model, wanted: bool | None, fused: bool, zero_stage: int) -> 
         if wanted and not fused:
             print("[train] training.compile: compiling needs the fused attention kernel (GPUs); not compiled")
         return False
-    blocks = getattr(getattr(head.unwrap(model), "model", None), "layers", None)
+    blocks = decoder_blocks(model)
     if blocks is None:
         print("[train] training.compile: this architecture's decoder blocks were not found; not compiled")
         return False
+    import torch._dynamo
+
+    # The probe tries a few micro batch sizes (each its own shape) and validation may have its own: room for them
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for block in blocks:
         block.compile(dynamic=False)
     return True
+
+
+def uncompile_blocks(model) -> bool:
+    for block in decoder_blocks(model) or []:
+        block._compiled_call_impl = None  # what nn.Module.compile set: its eager forward again
+    return False
+
+
+def decoder_blocks(model):
+    return getattr(getattr(head.unwrap(model), "model", None), "layers", None)
 
 
 def check_objective(prepared: Path, objective: str) -> None:
