@@ -261,8 +261,8 @@ def test_on_a_gpu_the_micro_step_never_synchronizes():
 
 def test_a_compiler_that_fails_leaves_the_blocks_uncompiled_and_training_goes_on(monkeypatch, capsys):
     """On the GPU machine this was tried on, inductor's C++ build of compiled decoder layers failed. Caused
-    for real here: inductor is given a C++ compiler that does not exist. The probe, which compiles the blocks
-    for the shape training uses, finds it at start-up, says why in one line, and the blocks run eagerly."""
+    for real here: inductor is given a C++ compiler that does not exist. Start-up compiles the blocks for the
+    shape training uses, finds it, says why in one line, and the blocks run eagerly."""
     import socket
 
     import torch._dynamo
@@ -286,9 +286,10 @@ def test_a_compiler_that_fails_leaves_the_blocks_uncompiled_and_training_goes_on
         model = tiny()
         head.install(model)
         rows = Rows([list(range(5, 40))] * 8, [[IGNORE] * 5 + list(range(10, 40))] * 8, [[10, 25]] * 8)
+        plan, checkpointing = recipe.fit_micro_batch(job, model, make_plan(8, 4, 4, 1, 1, None), Collator(0), rows,
+                                                     1, on_gpu=True)  # the probe's search, run on CPU
         assert recipe.compile_blocks(model, True, True, 2)
-        plan, checkpointing, compiled = recipe.fit_micro_batch(job, model, make_plan(8, 4, 4, 1, 1, None),
-                                                               Collator(0), rows, 1, True, True)
+        compiled = recipe.compiled_shape_runs(job, model, plan, Collator(0), rows, 1)
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()

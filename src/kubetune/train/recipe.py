@@ -204,8 +204,9 @@ def setup(job: FineTuneJob) -> Run:
     fused = on_gpu and attention.kernel_for(torch.empty(0, device=device), model.config.attention_dropout) == "flex"
     length = max(train_rows.fixed_length(), valid_rows.fixed_length()) if fused else None
     collator = Collator(tokenizer.pad_token_id, length, None, fused)
-    compiled = compile_blocks(model, t.compile, fused, t.zero_stage)
-    plan, checkpointing, compiled = fit_micro_batch(job, model, plan, collator, train_rows, world, on_gpu, compiled)
+    plan, checkpointing = fit_micro_batch(job, model, plan, collator, train_rows, world, on_gpu)
+    compiled = compile_blocks(model, t.compile, fused, t.zero_stage) and compiled_shape_runs(
+        job, model, plan, collator, train_rows, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, betas=(0.9, 0.95),
                                   fused=on_gpu and not t.offload)  # one kernel for all parameters
@@ -222,49 +223,24 @@ def setup(job: FineTuneJob) -> Run:
 
 
 def fit_micro_batch(job: FineTuneJob, model, plan: BatchPlan, collator: Collator, rows: Rows, world: int,
-                    on_gpu: bool, compiled: bool) -> tuple[BatchPlan, bool, bool]:
-    """The micro batch (``training.microBatchSize``: a number, or auto), whether gradient checkpointing is on
-    (``training.gradientCheckpointing``: true, false, or auto: only when one row does not fit without it) and
-    whether the blocks stay compiled. On GPUs the probe runs the longest rows forward and backward, so compiled
-    blocks are compiled here, for the shape training uses, and a compiler that fails is found here: the blocks
-    then run eagerly. Every rank ends with the same answer."""
+                    on_gpu: bool) -> tuple[BatchPlan, bool]:
+    """The micro batch (``training.microBatchSize``: a number, or auto) and whether gradient checkpointing is on
+    (``training.gradientCheckpointing``: true, false, or auto: only when one row does not fit without it). On
+    GPUs the longest rows are run forward and backward (``batching.probe``); a fixed micro batch is tried as it
+    is, so one that does not fit says so at start-up. Every rank ends with the same answer."""
     t = job.spec.training
     auto = t.micro_batch_size == "auto"
     if not on_gpu:  # no out-of-memory to catch: the kernel kills the process
         micro = batching.divisor_at_most(plan.per_rank, batching.CPU_MICRO) if auto else plan.micro
         set_checkpointing(model, bool(t.gradient_checkpointing))
-        return make_plan(plan.rows, plan.global_batch, micro, world, t.epochs, t.max_steps), bool(
-            t.gradient_checkpointing), compiled
-    device = next(model.parameters()).device
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    reserve = batching.model_state_bytes(trainable, t.zero_stage, world, t.offload) if auto else 0
-    log = print if dist.get_rank() == 0 else (lambda _: None)
-    longest = np.argsort(-rows.lengths, kind="stable")
-
-    def probe() -> int | None:  # a fixed micro batch is tried as it is: it fits, or not
-        return batching.probe(model, lambda m: collator(rows, longest[:m]).to(device),
-                              lambda mod, b: head.forward_loss(mod, b)[0], plan.per_rank if auto else plan.micro,
-                              reserve, log, halve=auto)
-
-    micro, options = None, [t.gradient_checkpointing] if t.gradient_checkpointing is not None else [False, True]
-    for checkpointing in options:
+        return make_plan(plan.rows, plan.global_batch, micro, world, t.epochs, t.max_steps), bool(t.gradient_checkpointing)
+    micro = None
+    for checkpointing in [t.gradient_checkpointing] if t.gradient_checkpointing is not None else [False, True]:
         set_checkpointing(model, checkpointing)
-        try:
-            micro = probe()
-        except Exception as e:  # noqa: BLE001 - out of memory is the probe's; anything else here is the compiler
-            if not compiled:
-                raise
-            log(f"[train] torch.compile failed, the blocks run uncompiled: {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
-            compiled = uncompile_blocks(model)
-            micro = probe()
+        micro = _probe(job, model, collator, rows, world, plan.per_rank if auto else plan.micro, halve=auto)
         if micro:
             break
-    agreed = torch.tensor([micro or 0, int(compiled)], device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    micro, all_compiled = int(agreed[0].item()), bool(agreed[1].item())
-    if compiled and not all_compiled:  # one rank's compiler failed: all run the same code
-        compiled = uncompile_blocks(model)
+    micro = _agree(micro or 0, model)
     if not micro:
         raise batching.DoesNotFit(
             (f"one row of {collator.length} tokens does not fit in GPU memory" if auto else
@@ -272,10 +248,48 @@ def fit_micro_batch(job: FineTuneJob, model, plan: BatchPlan, collator: Collator
             + ("" if checkpointing else " even with gradient checkpointing")
             + "; try " + ("" if auto else "microBatchSize: auto, ") + "method: lora, zeroStage: 3, offload: true, "
             "more GPUs or a lower preprocessing.maxSeqLength")
-    if auto:
-        log(f"[train] micro batch {micro} (auto: the largest of {plan.per_rank} rows per rank that fits)"
-            + (", with gradient checkpointing" if checkpointing else ""))
-    return make_plan(plan.rows, plan.global_batch, micro, world, t.epochs, t.max_steps), checkpointing, compiled
+    if auto and dist.get_rank() == 0:
+        print(f"[train] micro batch {micro} (auto: the largest of {plan.per_rank} rows per rank that fits)"
+              + (", with gradient checkpointing" if checkpointing else ""))
+    return make_plan(plan.rows, plan.global_batch, micro, world, t.epochs, t.max_steps), checkpointing
+
+
+def compiled_shape_runs(job: FineTuneJob, model, plan: BatchPlan, collator: Collator, rows: Rows, world: int) -> bool:
+    """Compile the blocks for the shape training uses, by one forward and backward pass of it, so the first step
+    does not compile and a compiler that fails (or needs more memory) is found now: the blocks then run eagerly,
+    said in one line. Every rank ends with the same answer."""
+    began = time.monotonic()
+    try:
+        ok = _probe(job, model, collator, rows, world, plan.micro, halve=False) is not None
+        why = "out of GPU memory at that micro batch"
+    except Exception as e:  # noqa: BLE001 - out of memory is the probe's; anything else here is the compiler's
+        ok, why = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+    if _agree(int(ok), model):
+        if dist.get_rank() == 0:
+            print(f"[train] compiled the decoder blocks for {plan.micro} x {collator.length} tokens in "
+                  f"{time.monotonic() - began:.0f} s")
+        return True
+    if dist.get_rank() == 0:
+        print(f"[train] torch.compile failed, the blocks run uncompiled: {why if not ok else 'on another rank'}")
+    return uncompile_blocks(model)
+
+
+def _probe(job: FineTuneJob, model, collator: Collator, rows: Rows, world: int, micro: int, halve: bool):
+    t = job.spec.training
+    device = next(model.parameters()).device
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reserve = batching.model_state_bytes(trainable, t.zero_stage, world, t.offload) if halve else 0
+    longest = np.argsort(-rows.lengths, kind="stable")
+    log = print if dist.get_rank() == 0 else (lambda _: None)
+    return batching.probe(model, lambda m: collator(rows, longest[:m]).to(device),
+                          lambda mod, b: head.forward_loss(mod, b)[0], micro, reserve, log, halve=halve)
+
+
+def _agree(value: int, model) -> int:
+    """The smallest of every rank's ``value``."""
+    agreed = torch.tensor([value], device=next(model.parameters()).device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return int(agreed.item())
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -384,11 +398,10 @@ def train(job_file: str) -> None:
         elapsed, timer = time.monotonic() - timer, time.monotonic()
         tokens_per_s = run.train_rows.tokens(rows) / elapsed
         book.cost.observe(run.step_flops(rows), run.train_rows.tokens(rows))
-        if first is None:  # the first step compiles (blocks, kernels): its time would be a wrong ETA
+        if first is None:  # the first step warms up (lazy allocations, kernel tuning): its time would be a wrong ETA
             first = elapsed
         elif done == start + 2:
-            book.log(f"[train] first step {first:.1f} s, then {elapsed:.2f} s a step"
-                     + (f" (torch.compile: about {first - elapsed:.0f} s)" if run.compiled else ""))
+            book.log(f"[train] first step {first:.1f} s, then {elapsed:.2f} s a step")
         row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 3), **metrics,
                "learning_rate": run.scheduler.get_last_lr()[0], "tokens_per_second": round(tokens_per_s, 1),
                "batch": fingerprint(rows)}
