@@ -1,5 +1,6 @@
 """The pure builders of child objects, without an API server."""
 
+import pytest
 import yaml
 
 from conftest import job_doc
@@ -116,3 +117,12 @@ def test_an_external_serving_image_gets_its_args():
     server = children.serving_deployment(job, "s3://models/out/model", SETTINGS)["spec"]["template"]["spec"]["containers"][0]
     assert server["image"] == "vllm/vllm-openai:v0.11.0" and "command" not in server
     assert server["args"] == ["--model", "/model", "--served-model-name", "bot", "--port", "8000"]
+
+
+@pytest.mark.parametrize("quantity, cpus", [
+    (None, 1), ("500m", 1), ("2500m", 2), ("2", 2), ("1.5", 1), ("4000m", 4), ("1e1", 10), ("2E1", 20),
+    ("1k", 1000), (".000000002E", 2_000_000_000), ("1Ki", 1024), ("3000000000n", 3), ("0", 1),
+])
+def test_whole_cpus_reads_every_quantity_the_spec_admits(quantity, cpus):
+    # ".23672E" (E alone: exa) once crashed the reconcile loop: the fuzzer found it
+    assert children.whole_cpus(quantity) == cpus

@@ -6,6 +6,8 @@ The operator never reads the storage Secret: pods get it by reference (``envFrom
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from kubetune.operator.settings import Settings
@@ -171,10 +173,22 @@ def processes_per_node(job: FineTuneJob) -> int:
     return r.gpus_per_node or whole_cpus(r.cpu)
 
 
+_SI = {"": 1, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+       "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_value(text: str) -> float:
+    """The value of a Kubernetes quantity as the spec admits them (``kubetune.spec.QUANTITY``): "500m", "2",
+    "1.5Gi", "1e3" (an exponent), ".2E" (E alone is exa)."""
+    number, suffix = re.fullmatch(r"([0-9]*\.?[0-9]*)(.*)", text).groups()
+    if suffix[:1] in ("e", "E") and suffix[1:] not in ("", "i"):
+        return float(number + suffix)
+    return float(number) * _SI[suffix]
+
+
 def whole_cpus(quantity: str | None) -> int:
     """Whole CPUs of a CPU quantity, at least one ("500m" and None: 1; "2500m": 2)."""
-    text = quantity or "1"
-    return max(1, int(float(text[:-1]) / 1000 if text.endswith("m") else float(text)))
+    return max(1, int(quantity_value(quantity or "1")))
 
 
 def training_command(job: FineTuneJob, attempt: int, settings: Settings) -> list[str]:
