@@ -79,7 +79,8 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch
 def validation(model, prepared: Path, pad_id: int) -> dict:
     """Validation loss, perplexity and assistant-token accuracy on the validation shards (as in training)."""
     from kubetune.packed import attention, head
-    from kubetune.packed.rows import Collator, load_rows, validation_metrics, validation_totals
+    from kubetune.packed.head import validation_totals
+    from kubetune.packed.rows import Collator, load_rows, validation_metrics
 
     rows = load_rows(prepared, "validation")
     previous = model.config._attn_implementation

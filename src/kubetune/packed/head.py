@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kubetune.packed import loss as fused
-from kubetune.packed.rows import Batch
+from kubetune.packed.rows import Batch, Collator, Rows
 
 # Architectures whose causal-LM forward is ``logits = self.lm_head(hidden_states)`` and nothing more.
 FUSABLE = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo", "olmo2",
@@ -103,3 +103,13 @@ def forward_loss(model, batch: Batch):
 def forward_logps(model, batch: Batch):
     """(each label's log-probability, whether it is the model's top prediction), aligned with ``batch.index``."""
     return _run(model, batch, "logps")
+
+
+@torch.no_grad()
+def validation_totals(model, rows: Rows, idx: list[int], micro: int, collator: Collator, device) -> torch.Tensor:
+    """(summed loss, correct, count) over the given validation rows, as float64 on ``device``."""
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for i in range(0, len(idx), micro):
+        loss, correct, count = forward_loss(model, collator(rows, idx[i : i + micro]).to(device))
+        totals += torch.stack([loss.double(), correct.double(), count.double()])
+    return totals

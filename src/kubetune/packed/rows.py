@@ -140,18 +140,6 @@ def collate(rows: Rows, idx, pad_id: int, length: int | None = None, size: int |
     return Batch(inputs, cat(index), cat(target), cat(doc), idx, doc_mask)
 
 
-@torch.no_grad()
-def validation_totals(model, rows: Rows, idx: list[int], micro: int, collator: Collator, device) -> torch.Tensor:
-    """(summed loss, correct, count) over the given validation rows, as float64 on ``device``."""
-    from kubetune.packed.head import forward_loss
-
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for i in range(0, len(idx), micro):
-        loss, correct, count = forward_loss(model, collator(rows, idx[i : i + micro]).to(device))
-        totals += torch.stack([loss.double(), correct.double(), count.double()])
-    return totals
-
-
 def validation_metrics(totals: torch.Tensor) -> dict:
     """Validation loss, perplexity and mean token accuracy, as OpenAI's fine-tuning reports them."""
     loss_sum, correct, count = totals.tolist()

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from kubetune.models import build_model, resolve_source
 from kubetune.packed import attention, head
-from kubetune.packed.rows import Batch, Collator, Rows, load_rows, validation_metrics, validation_totals
+from kubetune.packed.head import validation_totals
+from kubetune.packed.rows import Batch, Collator, Rows, load_rows, validation_metrics
 from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import Mirror
 from kubetune.train import batching, dpo, extensions
