@@ -8,7 +8,8 @@ tests/test_pii.py): PII strings of every type kubetune redacts, each embedded in
 look-alikes that must stay untouched (dates, versions, prices, order and invoice numbers, ISBNs,
 tracking numbers, times, resolutions, ...). Phone numbers come in international format from many
 countries and in the national formats of US/CA, GB, DE, FR, IN, JP, AU, IT and NL. The secrets are
-the formats kubetune has rules for (AWS, GitHub, OpenAI and Slack keys, private keys, bearer
+the formats kubetune has rules for (AWS, GitHub, OpenAI, Slack, Hugging Face, Google, Stripe, GitLab
+and npm keys, Slack webhook URLs, Azure storage keys, passwords in URLs, private keys, bearer
 tokens, JWTs); Presidio has no recognizer for secrets.
 
 Both detectors are scored the same way: detected spans are replaced with kubetune's placeholders.
@@ -193,6 +194,53 @@ def _aws_secret() -> list[tuple[str, str, str]]:
                               ("aws_secret_access_key", ": "))]
 
 
+def _gitleaks_secrets() -> list[tuple[str, str, str]]:
+    """The formats of gitleaks' rules (see kubetune/data/pii.py): (sentence template, value, type). Where
+    the rule keeps context (AccountKey=, the URL around a password), the value is what is redacted."""
+    rng = random.Random(13)
+
+    def chars(alphabet: str, n: int) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(n))
+
+    alnum, upper = string.ascii_letters + string.digits, string.ascii_uppercase + string.digits
+    b64, password, lower_digits = alnum + "+/", alnum + "!-_.~+=%", string.ascii_lowercase + string.digits
+    slack_path = f"T{chars(upper, 8)}/B{chars(upper, 10)}/{chars(alnum, 24)}"
+    secret = [
+        ("HF_TOKEN={}", "hf_" + chars(string.ascii_letters, 34)),
+        ("huggingface-cli login --token {}", "hf_" + chars(string.ascii_letters, 34)),
+        ("login(token='{}') then push the model", "hf_" + chars(alnum, 34)),
+        ("GOOGLE_API_KEY={}", "AIza" + chars(alnum + "_-", 35)),
+        ("https://maps.googleapis.com/maps/api/geocode/json?address=Berlin&key={}", "AIza" + chars(alnum + "_-", 35)),
+        ("stripe.api_key = '{}'", "sk_live_" + chars(alnum, 24)),
+        ("STRIPE_SECRET_KEY={}", "sk_test_" + chars(alnum, 99)),
+        ("the restricted key {} can only read charges", "rk_live_" + chars(alnum, 24)),
+        ("GITLAB_TOKEN={}", "glpat-" + chars(alnum + "_-", 20)),
+        ("git clone https://oauth2:{}@gitlab.com/acme/app.git", "glpat-" + chars(alnum, 20)),
+        ("token {} (routable)", "glpat-" + chars(alnum + "_-", 27) + "." + chars(lower_digits, 9)),
+        ("//registry.npmjs.org/:_authToken={}", "npm_" + chars(alnum, 36)),
+        ("NPM_TOKEN={} npm publish", "npm_" + chars(alnum, 36)),
+        ("curl -X POST -d '{{\"text\": \"deployed\"}}' {}", "https://hooks.slack.com/services/" + slack_path),
+        ("SLACK_WEBHOOK_URL={}", "https://hooks.slack.com/services/" + slack_path.replace("/B", "/B0")),
+        ("the workflow posts to {} on every release",
+         f"https://hooks.slack.com/workflows/T{chars(upper, 10)}/A{chars(upper, 10)}/{rng.randrange(10**17, 10**18)}/"
+         f"{chars(alnum, 24)}"),
+        ("trigger: {}", f"https://hooks.slack.com/triggers/T{chars(upper, 8)}/{rng.randrange(10**12, 10**13)}/"
+                        f"{chars('0123456789abcdef', 32)}"),
+    ]
+    keep_context = [
+        ("AZURE_STORAGE_CONNECTION_STRING=DefaultEndpointsProtocol=https;AccountName=acmestore;AccountKey={};"
+         "EndpointSuffix=core.windows.net", chars(b64, 86) + "=="),
+        ("conn = 'DefaultEndpointsProtocol=https;AccountName=logs01;AccountKey={}'", chars(b64, 86) + "=="),
+        ("DATABASE_URL=postgres://app:{}@db.internal:5432/app", chars(password, 16)),
+        ("mysql://root:{}@mysql.shop.svc:3306/shop", chars(password, 12)),
+        ("REDIS_URL=redis://:{}@cache:6379/0", chars(password, 20)),
+        ("broker_url = 'amqp://guest:{}@rabbit.example.com:5672//'", chars(password, 14)),
+        ("git clone https://alice:{}@git.example.com/acme/app.git", "ghp_" + chars(alnum, 36)),
+        ("mongodb+srv://admin:{}@cluster0.abcde.mongodb.net/?retryWrites=true", chars(password, 18)),
+    ]
+    return [(t, v, "secret") for t, v in secret + keep_context]
+
+
 LOOKALIKES = [
     # dates and times
     "The meeting is on 2024-05-17.", "Released 17.05.2024 in Berlin.", "Due date: 05/17/2024.",
@@ -257,6 +305,17 @@ LOOKALIKES = [
     "Authorization: Bearer $TOKEN", "The ghp_ prefix marks GitHub tokens.", "A JWT starts with eyJ.",
     "Bearer tokens are defined in RFC 6750.", "Set OPENAI_API_KEY=sk-... in .env.",
     "-----BEGIN PUBLIC KEY----- is safe to share.", "Install scikit-learn with pip.",
+    # look like the secrets of gitleaks' rules
+    "Install hf_transfer to speed up downloads.", "Set HF_HUB_ENABLE_HF_TRANSFER=1 before hf_hub_download().",
+    "Google API keys start with AIza and are 39 characters long.",
+    "The sk_live prefix marks live Stripe keys; use sk_test_ keys in CI.", "Restricted keys (rk_live_...) limit a key.",
+    "GitLab personal access tokens start with glpat-.", "npm_config_cache and npm_package_version are set by npm run.",
+    "Create an incoming webhook at https://api.slack.com/messaging/webhooks.",
+    "Post to hooks.slack.com/services/ with your webhook path.",
+    "AccountKey= is left empty for SAS connection strings.",
+    "Replace AccountKey=<key> with your storage key.", "Clone https://github.com/acme/app.git over HTTPS.",
+    "Open https://example.com:8443/login?next=/home in a browser.",
+    "DATABASE_URL=postgres://app:${DB_PASSWORD}@db:5432/app", "Logged as postgres://app:****@db/app.",
 ]
 
 
@@ -278,6 +337,7 @@ def labelled_set() -> tuple[list[tuple[str, str, str]], list[str]]:
     add(SSNS, SSN_SENTENCES, "ssn")
     pii.extend((sentence, value, "secret") for sentence, value in _secrets())
     pii.extend(_aws_secret())
+    pii.extend(_gitleaks_secrets())
     return [(sentence.format(value), value, kind) for sentence, value, kind in pii], LOOKALIKES
 
 

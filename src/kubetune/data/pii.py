@@ -3,7 +3,7 @@
 Matches are counted by type and never logged. Checks that cut false positives: card numbers must
 pass Luhn, IBANs the ISO 13616 mod-97 check, IPs must parse, phone numbers must be valid numbers of
 their country's numbering plan (Google's libphonenumber). Order matters: secrets first (they
-contain digits and dots), phones last.
+contain digits and dots, and the e-mail rule would take "password@host" in a URL), phones last.
 """
 
 from __future__ import annotations
@@ -28,6 +28,23 @@ _SECRETS = re.compile(
     r"|\b(?:ghp|gho|ghs|github_pat)_[A-Za-z0-9_]{20,}\b"
     r"|\bsk-[A-Za-z0-9_-]{20,}\b"
     r"|\bxox[abprs]-[A-Za-z0-9-]{10,}\b"
+    # The rest follow gitleaks' rules of the name given (github.com/gitleaks/gitleaks, config/gitleaks.toml,
+    # MIT), written to take the whole value, with no entropy check.
+    r"|\bhf_[A-Za-z0-9]{34}\b"  # huggingface-access-token (exactly 34: hf_ + a longer identifier is code)
+    r"|\bAIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])"  # gcp-api-key
+    r"|\b[sr]k_(?:live|test|prod)_[A-Za-z0-9]{24,}\b"  # stripe-access-token (gitleaks: 10+)
+    r"|\bglpat-[0-9A-Za-z_-]{20,}(?:\.[0-9a-z]{9})?(?![0-9A-Za-z_-])"  # gitlab-pat, gitlab-pat-routable
+    r"|\bnpm_[A-Za-z0-9]{36}\b"  # npm-access-token
+    # slack-webhook-url (its {43,56} would cut a workflows/ URL short)
+    r"|(?:\bhttps?://)?\bhooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9+/]{43,}"
+    # Azure storage account key, 64 bytes in base64, after AccountKey= in a connection string: gitleaks'
+    # proposed azure-storage-connection-string / azure-storage-account-key rules (pull requests 2106, 2072).
+    r"|(?P<prefix_azure>\b(?i:AccountKey)\s*=\s*)[A-Za-z0-9+/]{86}=="
+    # Credentials in a URL, scheme://user:password@host: only the password goes, so the URL still reads
+    # as one (the shape of gitleaks' sidekiq-sensitive-url and of its own redaction of git remote URLs;
+    # gitleaks has no general rule). Not a ${VAR} or *** placeholder.
+    r"|(?P<prefix_url>\b[A-Za-z][A-Za-z0-9+.-]{0,30}://[^\s:@/?#<>\"'`]*:)"
+    r"(?!\$\{?[A-Za-z_]\w*\}?@|\*+@)[^\s@/?#<>\"'`]+(?=@[A-Za-z0-9\[])"
 )
 _BEARER = re.compile(r"(?P<prefix>\b(?i:bearer)\s+)[A-Za-z0-9\-._~+/]{16,}=*")  # RFC 6750 token
 _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
@@ -116,11 +133,15 @@ def _phone_ok(m: PhoneNumberMatch, region: str | None) -> bool:
     return region is None or _NATIONAL.match(raw) is not None
 
 
-_SECRET_HINTS = ("-----BEGIN", "AKIA", "ASIA", "eyJ", "ghp_", "gho_", "ghs_", "github_pat_", "sk-", "xox")
+_SECRET_HINTS = ("-----BEGIN", "AKIA", "ASIA", "eyJ", "ghp_", "gho_", "ghs_", "github_pat_", "sk-", "xox", "hf_",
+                 "AIza", "k_live_", "k_test_", "k_prod_", "glpat-", "npm_", "hooks.slack.com")
 
 
 def _secret_hint(t: str) -> bool:
-    return any(h in t for h in _SECRET_HINTS) or "aws_secret_access_key" in t.lower()
+    if any(h in t for h in _SECRET_HINTS) or ("://" in t and "@" in t):  # the last: a password in a URL
+        return True
+    lower = t.lower()
+    return "aws_secret_access_key" in lower or "accountkey" in lower
 
 
 _DIGIT = re.compile(r"\d")
@@ -173,7 +194,8 @@ class Scrubber:
             if found in self.allow or (check is not None and not check(found)):
                 return found
             self.counts[kind] += 1
-            keep = match.groupdict().get("prefix") or ""  # e.g. "aws_secret_access_key = "
+            # the part kept: "aws_secret_access_key = ", "AccountKey=", "postgres://app:"
+            keep = next((v for k, v in match.groupdict().items() if k.startswith("prefix") and v), "")
             return keep + PLACEHOLDER[kind]
 
         return replace
