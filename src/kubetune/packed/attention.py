@@ -5,7 +5,9 @@ Two kernels, chosen per call (``KUBETUNE_ATTENTION=auto|flex|loop``, default aut
 - **flex** (GPUs): one fused FlexAttention kernel for the whole batch, with a document-causal
   ``BlockMask`` built once per forward pass (the layers share it), so blocks across documents are
   skipped, not computed and masked. PyTorch's FlexAttention has no backward on CPU, so auto uses it
-  only on CUDA (on CPU it may be forced for inference).
+  only on CUDA (on CPU it may be forced for inference). The trainer gives it the mask itself
+  (``doc_mask``, built on the device from the batch's document ids by ``with_doc_mask``) with every
+  row padded to one length, so compiled blocks never see a new shape or a Python list.
 - **loop** (CPU, and the fallback with attention dropout): each document gets its own causal
   ``scaled_dot_product_attention`` on its slice. The cost is sum(len^2), not L^2, and on CPU the
   per-call overhead is small next to the math (measured: a 4 x 512 batch of 18 documents, forward and
@@ -78,14 +80,10 @@ def _loop(query, key, value, doc_lens, scaling, p, gqa):
 
 def document_ids(doc_lens, length: int, device=None) -> torch.Tensor:
     """(batch, length): each token's document index in its row; -1 for padding."""
-    return torch.from_numpy(document_ids_array(doc_lens, length)).to(device)
-
-
-def document_ids_array(doc_lens, length: int) -> np.ndarray:
     ids = np.full((len(doc_lens), length), -1, dtype=np.int32)
     for b, lens in enumerate(doc_lens):
         ids[b, : sum(lens)] = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
-    return ids
+    return torch.from_numpy(ids).to(device)
 
 
 def mask_from_ids(ids: torch.Tensor):
