@@ -518,6 +518,7 @@ def parse_args():
                    help="after the timed steps, N steps under torch.cuda.set_sync_debug_mode('warn'), syncs counted")
     p.add_argument("--loss-shapes", nargs="+", default=["1b:2048:8", "8b:4096:2"], metavar="PRESET:SEQ:MICRO")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if kubetune.train.flops lacks it")
+    p.add_argument("--memory-gib", type=float, help="use at most this much GPU memory (80: an 80 GB GPU's budget)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, help="where the prepared folder goes (default: a folder under the temp dir "
                    "named by the data's parameters, shared by the product's and the baseline's runs)")
@@ -541,6 +542,9 @@ def main() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise SystemExit("bench_gpu.py measures one GPU: run it with torchrun --nproc-per-node=1")
     on_gpu = torch.cuda.is_available()
+    if on_gpu and args.memory_gib:  # e.g. an 80 GB GPU's budget on a bigger one: the allocator refuses past it
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * GIB / total))
     if args.mode == "loss-memory" and not args.device_smoke:
         bench_loss_memory(args, on_gpu)
         return
