@@ -104,3 +104,15 @@ with open({str(lock)!r}, "a+") as f:
     assert f"error: gave up after 15 s waiting for pid {holder.pid}" in out, out[-3000:]
     assert "BuildLockTimeout" not in out  # a clear line from the ranks, not their traceback
     assert time.monotonic() - started < 100
+
+
+def test_a_batch_bigger_than_the_data_fails_with_one_line_naming_the_numbers(tmp_path):
+    path = tiny_job(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["spec"]["training"]["globalBatchSize"] = 4096  # far more rows than support-faq packs into
+    path.write_text(json.dumps(doc))
+    rc, out = run(torchrun_command(str(path), 2), tmp_path, 300, KUBETUNE_ERROR_FILE=str(tmp_path / "error"))
+    assert rc != 0
+    cause = (tmp_path / "error").read_text().splitlines()  # what a pod's termination message carries
+    assert cause and cause[0].startswith("error: the data has ") and "fewer than training.globalBatchSize 4096" in cause[0]
+    assert "Traceback" not in cause[0]

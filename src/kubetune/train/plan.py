@@ -12,9 +12,12 @@ from hashlib import blake2b
 
 import numpy as np
 
+from kubetune.errors import KubetuneError
 
-class PlanError(ValueError):
-    """The spec's batch sizes do not fit the data or the world size."""
+
+class PlanError(KubetuneError):
+    """The spec's batch sizes do not fit the data or the world size (a KubetuneError: its one line is the cause
+    the trainer reports, not a traceback)."""
 
 
 @dataclass(frozen=True)
