@@ -42,6 +42,18 @@ def _scores(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor):
     return z, z.logsumexp(-1), z.gather(1, safe[:, None]).squeeze(1), valid, safe
 
 
+def _backprop(h, weight, z, lse, safe, scale, grad_h, grad_w, s) -> None:
+    """Gradients of sum(scale x per-position loss) for chunk ``s``, with ``z`` its fp32 logits (overwritten):
+    d loss / dz = softmax - one-hot, times each position's ``scale`` (0 where ignored)."""
+    z.sub_(lse[:, None]).exp_()
+    z[torch.arange(len(safe), device=z.device), safe] -= 1
+    g = z.mul_(scale[:, None]).to(h.dtype)
+    if grad_h is not None:
+        grad_h[s] = g @ weight
+    if grad_w is not None:  # a matmul in the model's dtype (tensor cores), summed over chunks in fp32
+        grad_w += (g.T @ h).float()
+
+
 class _TokenLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, chunk):
@@ -55,15 +67,8 @@ class _TokenLoss(torch.autograd.Function):
             z, lse, picked, valid, safe = _scores(h, weight, t)
             loss += ((lse - picked) * valid).sum()
             correct += ((z.argmax(-1) == t) & valid).sum()
-            if want_h or want_w:  # d(sum of losses)/dz = softmax - one-hot, on valid rows
-                z.sub_(lse[:, None]).exp_()
-                z[torch.arange(len(t), device=z.device), safe] -= 1
-                z.mul_(valid[:, None])
-                g = z.to(hidden.dtype)
-                if want_h:
-                    grad_h[s] = g @ weight
-                if want_w:  # a matmul in the model's dtype (tensor cores), summed over chunks in fp32
-                    grad_w += (g.T @ h).float()
+            if want_h or want_w:
+                _backprop(h, weight, z, lse, safe, valid, grad_h, grad_w, s)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         count = (target != IGNORE).sum()
         ctx.mark_non_differentiable(correct, count)
@@ -99,16 +104,9 @@ class _TokenLogps(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         for s in _chunks(hidden.shape[0], ctx.chunk):
-            h, t = hidden[s], target[s]
-            z, _, _, valid, safe = _scores(h, weight, t)
-            g = grad_logp[s] * valid  # d logp / dz = one-hot - softmax
-            z.sub_(lse_all[s][:, None]).exp_().mul_(-g[:, None])
-            z[torch.arange(len(t), device=z.device), safe] += g
-            gz = z.to(hidden.dtype)
-            if want_h:
-                grad_h[s] = gz @ weight
-            if want_w:
-                grad_w += (gz.T @ h).float()
+            z, _, _, valid, safe = _scores(hidden[s], weight, target[s])
+            # log-probability is minus the loss: its gradient is the loss's, scaled by -grad_logp
+            _backprop(hidden[s], weight, z, lse_all[s], safe, -grad_logp[s] * valid, grad_h, grad_w, s)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 

@@ -73,18 +73,18 @@ class Batch:
 
     def to(self, device) -> Batch:
         """On ``device``; from pinned memory the copies do not block the host."""
-        def move(v):
-            return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-
-        return Batch({k: move(v) for k, v in self.inputs.items()}, move(self.index), move(self.target),
-                     move(self.doc), self.rows, self.doc_mask)
+        return self._map(lambda v: v.to(device, non_blocking=True))
 
     def pin(self) -> Batch:
-        def pin(v):
-            return v.pin_memory() if isinstance(v, torch.Tensor) else v
+        return self._map(lambda v: v.pin_memory())
 
-        return Batch({k: pin(v) for k, v in self.inputs.items()}, pin(self.index), pin(self.target), pin(self.doc),
-                     self.rows, self.doc_mask)
+    def _map(self, f) -> Batch:
+        """A copy with ``f`` applied to every tensor."""
+        def each(v):
+            return f(v) if isinstance(v, torch.Tensor) else v
+
+        return Batch({k: each(v) for k, v in self.inputs.items()}, each(self.index), each(self.target),
+                     each(self.doc), self.rows, self.doc_mask)
 
     def model_inputs(self) -> dict:
         """The keyword arguments of the model's forward pass."""
