@@ -3,7 +3,7 @@ the events, chat with the result. Nothing in it knows about kubetune; point it a
 two variables every OpenAI client reads:
 
     export OPENAI_BASE_URL=http://kubetune-api.kubetune-system.svc:8080/v1   # kubetune api
-    export OPENAI_API_KEY=$(kubectl create token my-team-bot -n my-team)      # a Kubernetes token
+    export OPENAI_API_KEY=$(kubectl create token my-team-bot -n my-team --audience kubetune)  # a Kubernetes token
     python examples/openai_finetune.py kubetune-tiny examples/data/support-chat.jsonl \
         --dpo examples/preference.jsonl
 """

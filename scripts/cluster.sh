@@ -209,10 +209,7 @@ up() {
     --bind-address=127.0.0.1 --secure-port=10259
   start containerd containerd --config "$dir/containerd.toml"
   wait_for containerd 30 test -S "$sock"
-  # The pod sandbox image: the pause binary in an image of its own, imported once.
-  if ! ctr --address "$sock" -n k8s.io images ls -q | grep -qx "registry.k8s.io/pause:kubetune"; then
-    bash "$root/scripts/images.sh" pause | import
-  fi
+  ensure_pause
   start kubelet "$bin/kubelet" --config="$dir/kubelet.yaml" --kubeconfig="$dir/kubeconfig" \
     --root-dir="$dir/kubelet" --cert-dir="$dir/pki/kubelet" --hostname-override=$node --node-ip="$ip" --v=1
   start kube-proxy "$bin/kube-proxy" --kubeconfig="$dir/kubeconfig" --hostname-override=$node \
@@ -224,6 +221,12 @@ up() {
   wait_for coredns 30 curl -sf http://127.0.0.1:18181/ready
   log "up: export KUBECONFIG=$dir/kubeconfig PATH=$bin:\$PATH"
   echo "$dir/kubeconfig"
+}
+
+ensure_pause() {  # the pod sandbox image: the pause binary in an image of its own, imported when missing
+  if ! ctr --address "$sock" -n k8s.io images ls -q | grep -qx "registry.k8s.io/pause:kubetune"; then
+    bash "$root/scripts/images.sh" pause | import
+  fi
 }
 
 import() {  # an image archive on stdin (docker-archive or OCI) into the node's containerd
@@ -239,6 +242,7 @@ load() {  # a buildah image into the node, unless this very image (by ID) was lo
   log "loading $1 into the node"
   bash "$root/scripts/images.sh" save "$1" | import
   mkdir -p "$dir/loaded" && echo "$id" > "$mark"
+  ensure_pause  # once, a run found it gone after the images were loaded (cause not found): pods never started
 }
 
 down() {

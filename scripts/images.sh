@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build kubetune's two images here from the project's own Dockerfiles, with Debian's buildah and no
 # container registry: their base is a local equivalent of python:3.11-slim-bookworm made with
-# debootstrap (Debian bookworm's python3.11 and pip), passed as the Dockerfiles' BASE_IMAGE.
+# debootstrap (Debian bookworm's python3.11 and pip), passed as the Dockerfiles' BASE_IMAGE. The
+# trainer's has Python's headers too (DeepSpeed builds an op against them); the operator's does not
+# (50 MB less).
 #
 #   scripts/images.sh build           base, operator and trainer images (buildah's layer cache reuses work)
 #   scripts/images.sh save IMAGE      write IMAGE as an OCI layout tar to stdout (for `cluster.sh load`)
@@ -13,7 +15,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${KUBETUNE_CACHE:-$HOME/.cache/kubetune}"
-base=localhost/kubetune-base/python:3.11-slim-bookworm
+base=localhost/kubetune-base/python:3.11-slim-bookworm          # with python3-dev, for the trainer
+runtime=localhost/kubetune-base/python:3.11-slim-bookworm-runtime  # without, for the operator
 operator=docker.io/library/kubetune-operator:local
 trainer=docker.io/library/kubetune-trainer:local-cpu
 pause=registry.k8s.io/pause:kubetune
@@ -32,22 +35,21 @@ need() {
 
 exists() { buildah images -q "$1" > /dev/null 2>&1; }
 
-base_image() {
-  exists "$base" && return
-  [ -f "$cache/base-rootfs.tar" ] || base_rootfs
+base_image() {  # IMAGE ROOTFS-NAME [PACKAGES]: an image from a debootstrap root filesystem
+  exists "$1" && return
+  [ -f "$cache/$2.tar" ] || base_rootfs "$2" "${3:-}"
   local c; c=$(buildah from scratch)
-  buildah add "$c" "$cache/base-rootfs.tar" / > /dev/null  # a local tar: buildah unpacks it
+  buildah add "$c" "$cache/$2.tar" / > /dev/null  # a local tar: buildah unpacks it
   buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env LANG=C.UTF-8 \
     --cmd python3 "$c"
-  buildah commit -q --rm "$c" "$base" > /dev/null
+  buildah commit -q --rm "$c" "$1" > /dev/null
 }
 
-base_rootfs() {  # Debian bookworm made by debootstrap, as a tar kept in the cache
+base_rootfs() {  # NAME [PACKAGES]: Debian bookworm made by debootstrap, as a tar kept in the cache
   rootfs=$(mktemp -d "$cache/rootfs.XXXX")
   trap remove_rootfs EXIT
-  # python3-dev: the official image has Python's headers, and DeepSpeed's JIT-built ops need them.
-  log "debootstrap: Debian bookworm with python3.11, its headers and pip (a few minutes)"
-  debootstrap --variant=minbase --include=python3,python3-dev,python3-pip,python-is-python3,ca-certificates \
+  log "debootstrap: Debian bookworm with python3.11${2:+, $2} and pip (a few minutes)"
+  debootstrap --variant=minbase --include="python3,${2:+$2,}python3-pip,python-is-python3,ca-certificates" \
     bookworm "$rootfs" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" > "$cache/debootstrap.log" 2>&1 ||
     { tail -20 "$cache/debootstrap.log" >&2; exit 1; }
   # As in the official image: pip may install into the system Python (no PEP 668 marker).
@@ -59,7 +61,14 @@ base_rootfs() {  # Debian bookworm made by debootstrap, as a tar kept in the cac
     cp /etc/apt/sources.list.d/debian.sources "$rootfs/etc/apt/sources.list.d/" && rm -f "$rootfs/etc/apt/sources.list"
   fi
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
-  tar -C "$rootfs" --numeric-owner -cf "$cache/base-rootfs.tar.tmp" . && mv "$cache/base-rootfs.tar.tmp" "$cache/base-rootfs.tar"
+  # As debian:bookworm-slim (the official image's base): no documentation, manual pages or translations
+  # (50 MB), neither now nor from packages installed later; the copyright files stay.
+  printf 'path-exclude %s\n' '/usr/share/doc/*' '/usr/share/man/*' '/usr/share/info/*' '/usr/share/locale/*' \
+    > "$rootfs/etc/dpkg/dpkg.cfg.d/slim"
+  printf 'path-include %s\n' '/usr/share/doc/*/copyright' '/usr/share/locale/locale.alias' >> "$rootfs/etc/dpkg/dpkg.cfg.d/slim"
+  find "$rootfs/usr/share/doc" -type f ! -name copyright -delete
+  find "$rootfs"/usr/share/{man,info,locale} -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
+  tar -C "$rootfs" --numeric-owner -cf "$cache/$1.tar.tmp" . && mv "$cache/$1.tar.tmp" "$cache/$1.tar"
   remove_rootfs
   trap - EXIT
 }
@@ -73,12 +82,14 @@ remove_rootfs() {  # unmount what debootstrap left mounted inside, then delete i
 build() {
   need
   mkdir -p "$cache"
-  base_image
+  # python3-dev: the official image has Python's headers, and DeepSpeed's JIT-built ops need them.
+  base_image "$base" base-rootfs python3-dev
+  base_image "$runtime" runtime-rootfs
   local start=$SECONDS
-  for spec in "operator/Dockerfile $operator" "trainer_image/Dockerfile $trainer"; do
+  for spec in "operator/Dockerfile $operator $runtime" "trainer_image/Dockerfile $trainer $base"; do
     set -- $spec
     log "building $2 from $1"
-    buildah build --layers --network host -q --build-arg "BASE_IMAGE=$base" -f "$root/$1" -t "$2" "$root" > /dev/null
+    buildah build --layers --network host -q --build-arg "BASE_IMAGE=$3" -f "$root/$1" -t "$2" "$root" > /dev/null
   done
   log "built in $((SECONDS - start))s"
   buildah rmi --prune > /dev/null 2>&1 || true  # layers of earlier builds no tag needs

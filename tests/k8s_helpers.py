@@ -19,6 +19,12 @@ def ftj_doc(name: str, **spec) -> dict:
     return doc
 
 
+def schedule_doc(name: str, **spec) -> dict:
+    template = ftj_doc(name)["spec"]
+    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneSchedule", "metadata": {"name": name},
+            "spec": {"jobTemplate": template, **spec}}
+
+
 def apply(cp, namespace: str, doc: dict, kubeconfig=None) -> None:
     cp.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc), kubeconfig=kubeconfig)
 
@@ -73,6 +79,22 @@ def finish_job(cp, namespace: str, name: str, succeeded: bool = True) -> None:
     cp.kubectl("patch", "job", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(status))
 
 
+def fail_pod(cp, namespace: str, job: str, exit_code: int, message: str) -> None:
+    """A pod of ``job`` whose container ended with ``exit_code`` and termination ``message``, as the kubelet
+    records it (no kubelet runs here: the pod is created, then its status written)."""
+    name = f"{job}-0-x"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {
+        "batch.kubernetes.io/job-name": job}}, "spec": {"containers": [{"name": "trainer", "image": "trainer"}]}}
+    apply(cp, namespace, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}})  # no SA controller
+    apply(cp, namespace, pod)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    state = {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message, "startedAt": now,
+                            "finishedAt": now}}
+    status = {"status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "trainer", "imageID": "",
+                                                                   "ready": False, "restartCount": 0, "state": state}]}}
+    cp.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+
+
 def start_training(cp, namespace: str, doc: dict) -> dict:
     """Apply a job, let its prepare Job succeed and wait for its first training gang (returned)."""
     name = doc["metadata"]["name"]
@@ -80,6 +102,20 @@ def start_training(cp, namespace: str, doc: dict) -> dict:
     wait_for(lambda: get(cp, namespace, "job", f"{name}-prepare"), what=f"{name}-prepare")
     finish_job(cp, namespace, f"{name}-prepare")
     return wait_for(lambda: get(cp, namespace, "job", f"{name}-train-0"), what=f"{name}-train-0")
+
+
+def finish_run(cp, namespace: str, run: str, passed: bool, value: float = 1.2) -> None:
+    """Prepare and train a run: its pods' verdict in its status, then its Jobs complete."""
+    wait_for(lambda: get(cp, namespace, "job", f"{run}-prepare"), what=f"{run}-prepare")
+    finish_job(cp, namespace, f"{run}-prepare")
+    wait_for(lambda: get(cp, namespace, "job", f"{run}-train-0"), what=f"{run}-train-0")
+    relation = "<" if passed else ">"
+    verdict = {"passed": passed, "metric": "valid_loss", "value": value, "threshold": 1.5,
+               "message": f"valid_loss {value:.4f} (fine-tuned) {relation} 1.5000 (base): "
+                          + ("better than the base model" if passed else "not better than the base model")}
+    cp.kubectl("patch", "ftj", run, "-n", namespace, "--subresource=status", "--type=merge",
+               "-p", json.dumps({"status": {"evaluation": verdict}}))
+    finish_job(cp, namespace, f"{run}-train-0")
 
 
 @contextlib.contextmanager

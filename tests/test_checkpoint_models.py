@@ -92,7 +92,7 @@ def test_each_checkpoint_is_a_model_best_kept_and_exported(tmp_path, capsys):
     assert main(["export", str(job), "--checkpoint", "last", "--to", str(tmp_path / "last")]) == 0
     assert (tmp_path / "last" / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
     capsys.readouterr()
-    assert main(["export", str(job), "--checkpoint", "step-3"]) == 1
+    assert main(["export", str(job), "--checkpoint", "step-3"]) == 3  # invalid input (kubetune.errors)
     err = capsys.readouterr().err
     assert "no checkpoint 'step-3'" in err and all(f"step-{s}" in err for s in steps), err
 

@@ -1,14 +1,18 @@
 """The CRD in crds/ is generated from the spec model; these tests catch drift and schemas the API server would reject."""
 
+import pytest
 import yaml
 
 from conftest import ROOT
-from kubetune.crd import CRD_FILE, crd
+from kubetune.crd import CRD_FILE, SCHEDULE_CRD_FILE, crd
 
 
-def test_committed_crd_matches_the_spec_model():
-    committed = yaml.safe_load((ROOT / CRD_FILE).read_text())
-    assert committed == crd(), f"{CRD_FILE} is stale: regenerate with `kubetune crd > {CRD_FILE}`"
+@pytest.mark.parametrize("kind, path", [("job", CRD_FILE), ("schedule", SCHEDULE_CRD_FILE)])
+def test_committed_crd_matches_the_spec_model(kind, path):
+    committed = yaml.safe_load((ROOT / path).read_text())
+    assert committed == crd(kind), f"{path} is stale: regenerate with `kubetune crd --kind {kind} > {path}`"
+    chart = yaml.safe_load((ROOT / "charts" / "kubetune" / path).read_text())
+    assert chart == committed, f"copy {path} into charts/kubetune/crds/"
 
 
 def _walk(node, path="spec"):
@@ -21,8 +25,9 @@ def _walk(node, path="spec"):
         yield from _walk(node["additionalProperties"], f"{path}{{}}")
 
 
-def test_schema_is_structural_and_documented():
-    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+@pytest.mark.parametrize("kind", ["job", "schedule"])
+def test_schema_is_structural_and_documented(kind):
+    schema = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     for path, node in _walk(schema):
         for banned in ("$ref", "anyOf", "const", "title", "$defs"):
             assert banned not in node, f"{path} has {banned}"
@@ -50,3 +55,14 @@ def test_only_what_the_operator_rereads_may_change_after_creation():
             assert f".{name}" not in rules, name
         else:
             assert "oldSelf" in rules[f".{name}"]["rule"] and name in rules[f".{name}"]["message"], name
+
+
+def test_schedule_crd_names_columns_and_an_editable_template():
+    spec = crd("schedule")["spec"]
+    assert (spec["names"]["plural"], spec["names"]["shortNames"]) == ("finetuneschedules", ["fts"])
+    version = spec["versions"][0]
+    assert [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")] == [
+        "Serving", "Last Run", "Last Result", "Next Run", "Age"]
+    template = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["jobTemplate"]
+    # a run is a new FineTuneJob: the template may change, unlike a job's spec (no oldSelf rules)
+    assert template["x-kubernetes-validations"] and "oldSelf" not in str(template)

@@ -49,11 +49,12 @@ def save_tiny_model(folder: Path) -> Path:
     return folder
 
 
-def start_server(model: Path, max_tokens: int = 16, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, max_tokens: int = 16, port: int | None = None,
+                 extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
     port = port or free_port()
     # one torch thread: on a busy 2-core machine more threads make a 16-token reply 20x slower
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", str(model), "--port", str(port),
-                             "--max-tokens", str(max_tokens)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             "--max-tokens", str(max_tokens), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -82,3 +82,20 @@ def test_report_says_pass_or_fail_at_the_top():
     assert lines[2].startswith("**Evaluation gate: PASS** — valid_loss 1.5000 (fine-tuned) < 3.0000 (base)")
     report["gate"] = verdict(gate(metric="valid_loss", max=1.0), METRICS, 0).as_dict()
     assert markdown("t", report).splitlines()[2].startswith("**Evaluation gate: FAIL**")
+
+
+@pytest.mark.parametrize("metric, delta, passed", [
+    ("valid_loss", 1.0, True),  # 1.5 vs 3.0: better by 1.5
+    ("valid_loss", 2.0, False),  # better, but by less than minDelta
+    ("valid_mean_token_accuracy", 0.3, True),  # 0.6 vs 0.2 (higher is better)
+    ("valid_mean_token_accuracy", 0.5, False),
+    ("repetition_rate", 0.01, False),  # worse stays worse, whatever the distance
+])
+def test_min_delta_asks_for_a_margin_over_the_base(metric, delta, passed):
+    v = verdict(gate(metric=metric, mustBeat="base", minDelta=delta), METRICS, samples=10)
+    assert v.passed is passed and v.message.endswith(f"by at least minDelta {delta:g}")
+
+
+def test_min_delta_goes_with_must_beat_only():
+    with pytest.raises(ValueError, match="minDelta goes with mustBeat"):
+        gate(metric="valid_loss", max=2.0, minDelta=0.1)

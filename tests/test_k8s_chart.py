@@ -8,16 +8,16 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from k8s_helpers import apply, finish_job, ftj_doc, get, operator, operator_log, wait_for, wait_phase
+from k8s_helpers import apply, finish_job, finish_run, ftj_doc, get, operator, operator_log, schedule_doc, wait_for, wait_phase
 
 pytestmark = pytest.mark.k8s
 CHART = ROOT / "charts" / "kubetune"
 
 
-def test_chart_crd_is_the_generated_one():
-    assert yaml.safe_load((CHART / "crds" / "finetunejobs.kubetune.dev.yaml").read_text()) == \
-        yaml.safe_load((ROOT / "crds" / "finetunejobs.kubetune.dev.yaml").read_text()), \
-        "copy crds/finetunejobs.kubetune.dev.yaml into charts/kubetune/crds/"
+@pytest.mark.parametrize("crd", ["finetunejobs.kubetune.dev.yaml", "finetuneschedules.kubetune.dev.yaml"])
+def test_chart_crd_is_the_generated_one(crd):
+    assert yaml.safe_load((CHART / "crds" / crd).read_text()) == yaml.safe_load((ROOT / "crds" / crd).read_text()), \
+        f"copy crds/{crd} into charts/kubetune/crds/"
 
 
 @pytest.mark.parametrize("values", [None, "values-local.yaml"])
@@ -55,6 +55,42 @@ def test_api_server_renders_with_least_privilege(control_plane):
     assert missing.returncode != 0 and "filesUri" in missing.stderr  # enabled without storage: refused
 
 
+def test_api_server_tls_audiences_and_review_cap_render(control_plane):
+    on = ["--set", "api.enabled=true", "--set", "api.filesUri=s3://b/files/", "--set", "api.outputsUri=s3://b/jobs/"]
+
+    def rendered(*extra: str) -> tuple[dict, dict, dict]:
+        docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(
+            control_plane.helm("template", "kt", str(CHART), *on, *extra).stdout) if d}
+        return (docs["Deployment", "kt-api"]["spec"]["template"]["spec"], docs["Service", "kt-api"],
+                yaml.safe_load(docs["ConfigMap", "kt-api"]["data"]["config.yaml"]))
+
+    pod, service, config = rendered()
+    container = pod["containers"][0]
+    assert config["audiences"] == ["kubetune"] and "--tls-cert" not in container["command"]
+    assert container["command"][-4:] == ["--review-rate", "20", "--review-burst", "40"]
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+    assert "tls" not in {v["name"] for v in pod["volumes"]}
+
+    pod, service, config = rendered("--set", "api.tls.secretName=api-tls", "--set", "api.audiences={kubetune,k2}",
+                                    "--set", "api.reviews.perSecond=2.5", "--set", "api.reviews.burst=1000000")
+    container = pod["containers"][0]
+    command = container["command"]
+    assert command[command.index("--tls-cert") + 1] == "/etc/kubetune-api-tls/tls.crt"
+    assert command[command.index("--tls-key") + 1] == "/etc/kubetune-api-tls/tls.key"
+    assert command[command.index("--review-rate") + 1] == "2.5"
+    assert command[command.index("--review-burst") + 1] == "1000000"  # not 1e+06, which --review-burst refuses
+    assert {"name": "tls", "secret": {"secretName": "api-tls"}} in pod["volumes"]
+    assert {"name": "tls", "mountPath": "/etc/kubetune-api-tls", "readOnly": True} in container["volumeMounts"]
+    for probe in ("readinessProbe", "livenessProbe"):  # the kubelet's probes speak TLS to it too
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "https", "scheme": "HTTPS"}
+    assert container["ports"] == [{"name": "https", "containerPort": 8080}]
+    assert service["spec"]["ports"] == [{"name": "https", "port": 8080, "targetPort": "https"}]
+    assert config["audiences"] == ["kubetune", "k2"]
+    for bad in (["--set-json", "api.audiences=[]"], ["--set", "api.reviews.perSecond=fast"]):
+        run = control_plane.helm("template", "kt", str(CHART), *on, *bad, check=False)
+        assert run.returncode != 0 and bad[1].split("=")[0].split(".")[-1] in run.stderr, run.stderr
+
+
 def test_values_schema_rejects_bad_values(control_plane):
     run = control_plane.helm("template", "kubetune", str(CHART), "--set", "replicas=0", check=False)
     assert run.returncode != 0 and "replicas" in run.stderr
@@ -89,6 +125,15 @@ def test_operator_works_with_only_the_charts_permissions(control_plane, namespac
         wait_for(lambda: get(cp, namespace, "deployment", "rbac-serve")["spec"]["replicas"] == 2, what="2 replicas")
         serve({"enabled": False})
         wait_for(lambda: get(cp, namespace, "deployment", "rbac-serve") is None, what="Deployment removed")
+        # A schedule: its run (a FineTuneJob it owns), its status, the run's result label, its endpoint.
+        doc = schedule_doc("sched")
+        doc["metadata"]["annotations"] = {"kubetune.dev/retrain-requested-at": "now"}
+        apply(cp, namespace, doc)
+        wait_for(lambda: get(cp, namespace, "ftj", "sched-r1"), what="the schedule's run (see operator log)")
+        finish_run(cp, namespace, "sched-r1", passed=True)
+        wait_for(lambda: get(cp, namespace, "deployment", "sched-serve"), what="the schedule's endpoint")
+        wait_for(lambda: get(cp, namespace, "ftj", "sched-r1")["metadata"]["labels"].get("kubetune.dev/result"),
+                 what="the run's result label")
         log = operator_log(op)
         # (Reason: Forbidden) or a 403 status, not the milliseconds of a timestamp such as "07:12:39,403"
         assert "Forbidden" not in log and not re.search(r"(?<![,\d])403\b", log), log[-3000:]

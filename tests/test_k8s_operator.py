@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import EXAMPLES, free_port
-from k8s_helpers import (apply, finish_job, ftj_doc, get, items, operator, operator_log, phase, start_training, wait_for,
+from k8s_helpers import (apply, fail_pod, finish_job, ftj_doc, get, items, operator, operator_log, phase, start_training, wait_for,
                          wait_phase)
 
 pytestmark = pytest.mark.k8s
@@ -35,7 +35,8 @@ def test_wide_output_shows_speed_and_cost(control_plane, namespace):
     cp = control_plane
     apply(cp, namespace, ftj_doc("wide"))
     progress = {"phase": "training", "step": 5, "totalSteps": 10, "epoch": 0.5, "percent": 50.0, "etaSeconds": 60,
-                "tokensPerSecond": 1234.5, "gpuHours": 2.5, "mfu": 0.41}
+                "tokensPerSecond": 1234.5, "gpuHours": 2.5, "mfu": 0.41,
+                "metrics": {"train_loss": 2.25, "valid_loss": 2.5, "evaluation": {"golden": {"valid_loss": {"served": 3}}}}}
     cp.kubectl("patch", "ftj", "wide", "-n", namespace, "--subresource=status", "--type=merge",
                "-p", json.dumps({"status": {"progress": progress, "evaluation": {
                    "passed": True, "metric": "valid_loss", "message": "ok"}}}))
@@ -43,6 +44,9 @@ def test_wide_output_shows_speed_and_cost(control_plane, namespace):
     assert header.split()[-6:] == ["AGE", "TOKENS/S", "GPU-HOURS", "MFU", "ETA", "EVAL"]
     assert row.split()[-5:] == ["1234.5", "2.5", "0.41", "60", "true"]
     assert "TOKENS/S" not in cp.kubectl("get", "ftj", "wide", "-n", namespace).stdout  # wide only
+    # the metrics are kept whole (the API server once pruned them: status.progress.metrics was always {})
+    assert get(cp, namespace, "ftj", "wide")["status"]["progress"]["metrics"] == progress["metrics"]
+    assert cp.kubectl("get", "ftj", "wide", "-n", namespace).stdout.split()[-4:-1] == ["50", "2.25", "2.5"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -70,6 +74,8 @@ def test_wide_output_shows_speed_and_cost(control_plane, namespace):
     (lambda d: d["spec"].update(serve={"checkpoint": "newest"}), 'spec.serve.checkpoint: Invalid value: "newest"'),
     (lambda d: d["spec"].update(evaluation={"gate": {"metric": "rouge_l", "min": 0.3, "mustBeat": "base"}}),
      "spec.evaluation.gate: Invalid value: set exactly one of mustBeat, min, max"),
+    (lambda d: d["spec"].update(evaluation={"gate": {"metric": "valid_loss", "mustBeat": "serving"}}),
+     "spec.evaluation: Invalid value: gate.mustBeat: serving needs evaluation.servedModel"),
 ])
 def test_invalid_jobs_are_rejected_with_the_field(control_plane, namespace, change, message):
     doc = ftj_doc("bad")
@@ -144,6 +150,21 @@ def test_failed_gang_is_recreated_until_max_retries(control_plane, namespace):
         assert status["reason"] == "TrainingFailed"
         assert "training failed 2 time(s), spec.maxRetries is 1" in status["message"]
         assert "BackoffLimitExceeded" in status["message"]
+
+
+def test_a_diverged_loss_in_a_training_pod_fails_the_job_at_once(control_plane, namespace):
+    """The seam between the trainer's exit code 6 (tests/test_preemption.py) and the operator: it reads the
+    pods of the failed Job in the API server, and fails the FineTuneJob with their one line, no retry."""
+    cp = control_plane
+    with operator(cp, namespace):
+        start_training(cp, namespace, ftj_doc("nan", maxRetries=3))
+        line = "error: the training loss became nan at step 6: try a lower training.learningRate"
+        fail_pod(cp, namespace, "nan-train-0", 6, f"Traceback ...\n{line}\n")
+        finish_job(cp, namespace, "nan-train-0", succeeded=False)
+        cp.kubectl("wait", "--for=condition=Failed", "ftj/nan", "-n", namespace, "--timeout=60s")
+        status = get(cp, namespace, "ftj", "nan")["status"]
+        assert status["reason"] == "TrainingDiverged" and status["message"] == line.removeprefix("error: "), status
+        assert not status.get("retries") and get(cp, namespace, "job", "nan-train-1") is None  # 3 retries left, unused
 
 
 def test_suspend_deletes_the_workload_and_keeps_progress(control_plane, namespace):

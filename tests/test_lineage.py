@@ -72,7 +72,7 @@ def test_lineage_pins_spec_data_and_shards(job):
     assert lineage["data"]["counts"]["examples_out"] == report["examples_out"]
     assert lineage["base_model"]["kind"] == "fromConfig" and lineage["training"]["maxSteps"] == 3
     # what the trainer chose where the spec could say auto (on CPU: no probe, no compiled blocks)
-    assert lineage["trainer_choices"] == {"microBatchSize": 2, "gradientCheckpointing": False, "compiled": False}
+    assert lineage["trainer_choices"] == {"globalBatchSize": 4, "microBatchSize": 2, "gradientCheckpointing": False, "compiled": False}
     assert lineage["final_metrics"]["step"] == 3 and lineage["gate"]["passed"] is False
     assert lineage["trainer_image"] is None and lineage["kubetune_version"]
 

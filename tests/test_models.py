@@ -66,3 +66,16 @@ def test_missing_source_and_from_job_say_what_to_do(tmp_path):
         resolve_source(parse_job(job_doc("d", "o", model={"source": str(tmp_path / "none")})))
     with pytest.raises(ModelError, match="resolved by the operator"):
         resolve_source(parse_job(job_doc("d", "o", model={"fromJob": "previous"})))
+
+
+def test_lora_adapters_take_the_training_dtype(saved_model):
+    """In bf16 the adapters are bf16 from the start, as DeepSpeed leaves them: blocks compiled before its cast
+    would otherwise keep peft's fp32 input casts and fail on a GPU (mat1 float, mat2 bf16)."""
+    from kubetune.models import build_model
+
+    folder, _ = saved_model
+    job = parse_job(job_doc("d", "o", model={"source": str(folder)}, training={"method": "lora"}))
+    model = build_model(job, load_tokenizer(job), str(folder), torch.bfloat16)
+    dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import openai
 import pytest
@@ -39,7 +41,7 @@ PAIRS = b"".join(json.dumps({
 
 
 def caller(cp, namespace: str, name: str, verbs: list[str]) -> str:
-    """A ServiceAccount allowed ``verbs`` on finetunejobs in ``namespace``; its token."""
+    """A ServiceAccount allowed ``verbs`` on finetunejobs in ``namespace``; its token for kubetune's audience."""
     docs = [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name, "namespace": namespace},
@@ -50,13 +52,21 @@ def caller(cp, namespace: str, name: str, verbs: list[str]) -> str:
          "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
     ]
     cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-    return cp.kubectl("create", "token", name, "-n", namespace, "--duration=1h").stdout.strip()
+    return cp.kubectl("create", "token", name, "-n", namespace, "--duration=1h", "--audience", "kubetune"
+                      ).stdout.strip()
 
 
 @pytest.fixture
 def api(control_plane, namespace, s3, s3_server, tmp_path):
     """(base_url, bucket): `kubetune api` with the chart's ServiceAccount, ClusterRole and config."""
-    cp, (_, bucket) = control_plane, s3
+    with running_api(control_plane, namespace, s3[1], s3_server, tmp_path) as base_url:
+        yield base_url, s3[1]
+
+
+@contextmanager
+def running_api(cp, namespace: str, bucket: str, s3_server: str, tmp_path, *flags: str, ca: str | None = None):
+    """`kubetune api` run as the chart deploys it, with more ``flags``; its base URL (https when ``ca``, the
+    certificate it is to be trusted with, is given)."""
     release = f"r{uuid.uuid4().hex[:6]}"
     rendered = cp.helm("template", release, str(CHART), "-n", namespace, "--set", "api.enabled=true",
                        "--set", f"api.filesUri=s3://{bucket}/files/", "--set", f"api.outputsUri=s3://{bucket}/jobs/",
@@ -67,32 +77,50 @@ def api(control_plane, namespace, s3, s3_server, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
     token = cp.kubectl("create", "token", f"{release}-api", "-n", namespace, "--duration=1h").stdout.strip()
+    args = ["-m", "kubetune.cli", "api", "--config", str(config), "--storage-endpoint", s3_server, *flags]
+    with api_process(args, {**cp.env(cp.kubeconfig_for_token(token)), **_aws()}, tmp_path / "api.log", ca) as url:
+        yield url
+
+
+@contextmanager
+def api_process(args: list[str], env: dict, log_path, ca: str | None = None, secret: str | None = None):
+    """`python ARGS --port N`, a `kubetune api` process; its base URL once it answers. Its log must hold no
+    traceback (nor ``secret``)."""
     port = free_port()
-    log = open(tmp_path / "api.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "api", "--config", str(config), "--port", str(port),
-                             "--storage-endpoint", s3_server], stdout=log, stderr=subprocess.STDOUT,
-                            env={**cp.env(cp.kubeconfig_for_token(token)), **_aws()})
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _up(url) or proc.poll() is not None, timeout=60, what="kubetune api")
-    assert proc.poll() is None, open(log.name).read()
-    yield f"{url}/v1", bucket
-    proc.terminate()
-    proc.wait(10)
-    log.seek(0)
-    text = log.read()
-    assert "Traceback" not in text, text[-3000:]
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+        url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: _up(url, ca) or proc.poll() is not None, timeout=60, what="kubetune api")
+            assert proc.poll() is None, open(log_path).read()
+            yield f"{url}/v1"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        log.seek(0)
+        text = log.read()
+    assert "Traceback" not in text and (secret is None or secret not in text), text[-3000:]
 
 
 def _aws() -> dict:
     return {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
 
 
-def _up(url: str) -> bool:
+def _up(url: str, ca: str | None = None) -> bool:
     try:
-        urllib.request.urlopen(f"{url}/healthz", timeout=2).close()
+        urllib.request.urlopen(f"{url}/healthz", timeout=2, context=ssl.create_default_context(cafile=ca) if ca
+                               else None).close()
         return True
     except OSError:
         return False
+
+
+def metrics_csv(rows: list[dict]) -> bytes:
+    from kubetune.train.metrics import COLUMNS
+
+    return b"".join(",".join(str(row.get(c, "")) for c in COLUMNS).encode() + b"\n" for row in [
+        dict(zip(COLUMNS, COLUMNS)), *rows])
 
 
 def patch_status(cp, namespace: str, name: str, status: dict) -> None:
@@ -117,8 +145,17 @@ def test_supervised_job_from_upload_to_chat_with_the_openai_client(control_plane
     bad = client.files.create(file=("bad.jsonl", b"\n".join(broken) + b"\n"), purpose="fine-tune")
     assert bad.status == "error" and "line 4" in bad.status_details and "wizard" in bad.status_details \
         and "line 5" in bad.status_details, bad.status_details
-    with pytest.raises(openai.BadRequestError, match="line 4"):
+    assert bad.status_details.startswith("Training file has 5 example(s), but must have at least 10 examples")
+    with pytest.raises(openai.BadRequestError, match="line 4") as e:
         client.fine_tuning.jobs.create(model="kubetune-tiny", training_file=bad.id)
+    assert e.value.param == "training_file"
+    small = client.files.create(file=("small.jsonl", b"\n".join(CHAT.split(b"\n")[:30]) + b"\n"), purpose="fine-tune")
+    assert small.status == "processed"
+    with pytest.raises(openai.BadRequestError, match=f"batch_size 64 is larger than the 30 examples of training_file "
+                       f"{small.id}") as e:  # a batch that can never fill, refused before any pod starts
+        client.fine_tuning.jobs.create(model="kubetune-tiny", training_file=small.id, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"batch_size": 64}}})
+    assert e.value.param == "method.supervised.hyperparameters.batch_size"
 
     with operator(cp, namespace):
         job = client.fine_tuning.jobs.create(model="kubetune-tiny", training_file=uploaded.id, suffix="support",
@@ -147,10 +184,16 @@ def test_supervised_job_from_upload_to_chat_with_the_openai_client(control_plane
             "tokensPerSecond": 900.0, "metrics": {"train_loss": 2.5}, "updatedAt": now},
             "checkpoints": [{"name": "step-10", "step": 10, "metrics": {"valid_loss": 2.4},
                              "model": f"s3://{bucket}/jobs/x/checkpoints/step-10/model/", "best": True}]})
-        s3_client.put_object(Bucket=bucket, Key=f"jobs/{namespace}/{job.id}/metrics.csv", Body=(
-            b"step,epoch,train_loss,valid_loss\n5,0.5,3.1,\n10,1.0,2.5,2.4\n"))
+        rows = [{"step": 5, "epoch": 0.5, "train_loss": 3.1, "train_accuracy": 0.41, "learning_rate": 1e-4},
+                   {"step": 10, "epoch": 1.0, "train_loss": 2.5, "train_accuracy": 0.52, "learning_rate": 1e-4,
+                    "valid_loss": 2.4, "valid_perplexity": 11.0, "valid_mean_token_accuracy": 0.55}]
+        s3_client.put_object(Bucket=bucket, Key=f"jobs/{namespace}/{job.id}/metrics.csv",  # as the trainer writes it
+                             Body=metrics_csv(rows))
         running = client.fine_tuning.jobs.retrieve(job.id)
-        assert running.status == "running" and running.trained_tokens == 50_000
+        assert running.status == "running" and running.trained_tokens == 50_000 and running.result_files == []
+        assert running.hyperparameters.batch_size == "auto"  # none asked: the trainer fits it to the data
+        with pytest.raises(openai.NotFoundError):  # results come when it succeeds
+            client.files.retrieve(f"file-results-{job.id}")
         assert running.estimated_finish and running.estimated_finish >= int(time.time()) + 60
         events = client.fine_tuning.jobs.list_events(job.id, limit=50).data
         metrics = {e.data["step"]: e.data for e in events if e.type == "metrics"}
@@ -168,6 +211,14 @@ def test_supervised_job_from_upload_to_chat_with_the_openai_client(control_plane
         done = client.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded" and done.trained_tokens == 100_000 and done.finished_at
     assert done.fine_tuned_model == f"ft:kubetune-tiny:{namespace}:support:{job.id}"
+
+    # Its per-step metrics, as OpenAI gives them: a results file in result_files, read as any file.
+    (results_id,) = done.result_files
+    results = client.files.retrieve(results_id)
+    content = client.files.content(results_id).content
+    assert content == (b"step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
+                       b"5,3.1,0.41,,\n10,2.5,0.52,2.4,0.55\n")
+    assert results.purpose == "fine-tune-results" and results.bytes == len(content) and results.status == "processed"
     with pytest.raises(openai.BadRequestError, match="already succeeded"):
         client.fine_tuning.jobs.cancel(job.id)
 

@@ -13,8 +13,10 @@ from kubetune.openai_errors import RequestError
 SETTINGS = J.ApiSettings(files_uri="s3://b/files/", outputs_uri="s3://b/jobs/",
                          job_defaults={"training": {"method": "full", "microBatchSize": 8}},
                          models={"llama-1b": {"source": "s3://models/llama-1b/"}})
-FILES = {"file-a": {"status": "processed", "uri": "s3://b/files/ns/file-a/data.jsonl", "kinds": {"chat": 3}},
-         "file-p": {"status": "processed", "uri": "s3://b/files/ns/file-p/data.jsonl", "kinds": {"preference": 3}}}
+FILES = {"file-a": {"status": "processed", "uri": "s3://b/files/ns/file-a/data.jsonl", "kinds": {"chat": 30}},
+         "file-p": {"status": "processed", "uri": "s3://b/files/ns/file-p/data.jsonl", "kinds": {"preference": 12}},
+         "file-e": {"status": "error", "uri": "s3://b/files/ns/file-e/data.jsonl", "kinds": {"chat": 3},
+                    "status_details": "Training file has 3 example(s), but must have at least 10 examples"}}
 
 
 def create(**body) -> dict:
@@ -52,6 +54,8 @@ def test_request_becomes_a_job_on_top_of_the_defaults():
     ({"model": "gpt-4o"}, "model"),
     ({"model": "ft:kubetune-tiny:other-ns::ftjob-1"}, "model"),  # another namespace's model
     ({"training_file": "file-missing"}, "training_file"),
+    ({"training_file": "file-e"}, "training_file"),  # validation found it unusable
+    ({"validation_file": "file-e"}, "validation_file"),
     ({"training_file": "file-a", "method": {"type": "dpo"}}, "training_file"),  # no pairs in it
     ({"validation_file": "file-p"}, "validation_file"),  # no chat examples in it
     ({"metadata": {"k": 1}}, "metadata"),
@@ -61,6 +65,51 @@ def test_bad_requests_name_the_parameter(body, param):
     with pytest.raises(RequestError) as e:
         create(**body)
     assert e.value.status == 400 and e.value.param == param, str(e.value)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"hyperparameters": {"batch_size": 31}}, "hyperparameters.batch_size"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 64}}}},
+     "method.supervised.hyperparameters.batch_size"),
+    ({"training_file": "file-p", "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 13}}}},
+     "method.dpo.hyperparameters.batch_size"),
+])
+def test_a_batch_larger_than_the_training_file_is_refused(body, param):
+    with pytest.raises(RequestError) as e:
+        create(**body)
+    assert e.value.status == 400 and e.value.param == param
+    examples = 12 if "dpo" in param else 30
+    assert f"larger than the {examples} examples of training_file file-" in str(e.value)
+    assert create(hyperparameters={"batch_size": 30})["spec"]["training"]["globalBatchSize"] == 30  # every example
+
+
+def test_batch_size_auto_is_left_to_the_trainer_and_reported_once_resolved():
+    doc = create(hyperparameters={"batch_size": "auto"})
+    assert "globalBatchSize" not in doc["spec"]["training"]
+    doc["metadata"]["creationTimestamp"] = "2026-11-22T10:00:00Z"
+    assert J.job_object(doc)["hyperparameters"]["batch_size"] == "auto"
+    doc["status"] = {"phase": "Training", "progress": {"step": 1, "globalBatchSize": 8}}
+    job = J.job_object(doc)
+    assert job["hyperparameters"]["batch_size"] == 8 == job["method"]["supervised"]["hyperparameters"]["batch_size"]
+
+
+def test_a_succeeded_job_has_its_metrics_as_a_results_file():
+    doc = create()
+    doc["metadata"]["creationTimestamp"] = "2026-11-22T10:00:00Z"
+    assert J.job_object(doc)["result_files"] == []
+    doc["status"] = {"phase": "Succeeded", "completionTime": "2026-11-22T11:00:00Z"}
+    (file_id,) = J.job_object(doc)["result_files"]
+    assert J.results_job(file_id) == "ftjob-x" and J.results_job("file-abc") is None
+    assert J.results_job("file-results-../x") is None
+    rows = [{"step": "5", "epoch": "0.5", "train_loss": "3.1", "train_accuracy": "0.2", "valid_loss": ""},
+            {"step": "10", "epoch": "1.0", "train_loss": "2.5", "train_accuracy": "0.4", "valid_loss": "2.4",
+             "valid_mean_token_accuracy": "0.41", "batch": "abc"}]
+    content = J.results_csv(rows)
+    assert content == (b"step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
+                       b"5,3.1,0.2,,\n10,2.5,0.4,2.4,0.41\n")
+    record = J.results_file(doc, content)
+    assert record["purpose"] == "fine-tune-results" and record["bytes"] == len(content) and record["id"] == file_id
+    assert record["created_at"] == 1795345200  # the job's finish
 
 
 def test_statuses_follow_the_phase():
@@ -83,12 +132,46 @@ def test_pages_follow_the_cursor():
         J.page(items, None, 0)
 
 
+GOOD = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
+
 def test_file_validation_reports_lines_and_kinds():
-    good = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
-    found = validate(good * 2 + b"{oops\n" + b'{"text": 5}\n')
-    assert found["status"] == "error" and found["lines"] == 4 and found["kinds"] == {"chat": 2}
-    assert "2 of 4 lines are invalid: line 3:" in found["status_details"] and "line 4:" in found["status_details"]
-    assert validate(good)["status"] == "processed" and validate(b"")["status"] == "error"
+    found = validate(GOOD * 10 + b"{oops\n" + b'{"text": 5}\n')
+    assert found["status"] == "error" and found["lines"] == 12 and found["kinds"] == {"chat": 10}
+    assert found["status_details"].startswith("2 of 12 lines are invalid: line 11: malformed JSON")
+    assert "line 12:" in found["status_details"]
+    assert validate(GOOD * 10)["status"] == "processed"
+
+
+@pytest.mark.parametrize("examples", [0, 1, 9])
+def test_a_file_of_fewer_than_10_examples_is_refused_as_openai_does(examples):
+    found = validate(GOOD * examples + b"\n\n")  # blank lines are no examples
+    assert found["status"] == "error"
+    assert found["status_details"] == (f"Training file has {examples} example(s), but must have at least 10 "
+                                       "examples")
+
+
+def test_validation_fed_in_pieces_finds_what_it_finds_in_the_whole(monkeypatch):
+    import random
+
+    from kubetune.api import files
+
+    monkeypatch.setattr(files, "MAX_LINE", 300)  # a line longer than this is reported, not kept
+    raw = (b"\xef\xbb\xbf" + GOOD + GOOD.replace(b"\n", b"\r\n") + b"\n" + GOOD * 9 + b"[1]\n"
+           + b'{"messages": "' + b"x" * 1000 + b'"}\n' + b"\xff\xfe\n" + GOOD[:-1])
+    whole = validate(raw)
+    assert whole["lines"] == 15 and whole["kinds"] == {"chat": 12}
+    details = whole["status_details"].split("; ")
+    assert details[0] == "3 of 15 lines are invalid: line 13: expected a JSON object, got list"
+    assert details[1].startswith("line 14: longer than") and details[2] == "line 15: not valid UTF-8 (byte 0)"
+    rng = random.Random(3)
+    for _ in range(20):
+        found, at = files.Validation(), 0
+        while at < len(raw):
+            step = rng.randint(1, 200)
+            found.feed(raw[at:at + step])
+            at += step
+        assert found.result() == whole
 
 
 def test_ids_sort_by_creation_time():

@@ -4,10 +4,12 @@ import pytest
 import yaml
 
 from conftest import job_doc
-from kubetune.operator import children
+from kubetune.operator import children, schedule_children
 from kubetune.operator.conditions import Phase, conditions_for
 from kubetune.operator.settings import Settings
-from kubetune.spec import parse_job
+from kubetune.schedule_spec import parse_schedule
+from kubetune.spec import SpecError, parse_job
+from test_schedule_spec import schedule_doc
 
 SETTINGS = Settings(trainer_image="registry.example/kubetune-trainer:1", finished_ttl_seconds=600)
 
@@ -70,10 +72,11 @@ def test_config_map_holds_the_job_and_resolves_from_job():
     assert parse_job(doc).spec.output.uri == "s3://models/out/"
 
 
-def test_prepare_job_is_one_cpu_pod():
-    j = children.prepare_job(_job(resources={"gpusPerNode": 8}), SETTINGS)
+def test_prepare_job_is_one_cpu_pod_that_plans_the_batch_for_the_gang():
+    j = children.prepare_job(_job(resources={"gpusPerNode": 8, "nodes": 2}, maxRetries=2), SETTINGS)
     c = j["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["kubetune", "prepare", "/etc/kubetune/job.yaml"]
+    assert c["command"] == ["kubetune", "prepare", "/etc/kubetune/job.yaml", "--world=16"]  # 2 nodes x 8 GPUs
+    assert j["spec"]["backoffLimit"] == 2  # Kubernetes counts its tries
     assert "limits" not in c["resources"] and j["spec"].get("completions") is None
     assert c["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}  # the GPUs are for training only
 
@@ -119,6 +122,59 @@ def test_an_external_serving_image_gets_its_args():
     assert server["args"] == ["--model", "/model", "--served-model-name", "bot", "--port", "8000"]
 
 
+CAPTURE = {"uri": "s3://logs/bot/", "sampleRate": 0.25, "feedbackUri": "s3://data/raw/feedback/"}
+
+
+def _server(deployment: dict) -> dict:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_capture_gives_the_server_its_options_and_the_storage_credentials():
+    job = _job(serve={"enabled": True, "capture": CAPTURE},
+               preprocessing={"pii": {"redact": ["email", "phone"], "allow": ["help@acme.example"]}})
+    server = _server(children.serving_deployment(job, "s3://models/out/model", SETTINGS))
+    command = server["command"]
+    options = {command[i]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
+    assert options["--capture-uri"] == "s3://logs/bot/" and options["--capture-sample-rate"] == "0.25"
+    assert options["--feedback-uri"] == "s3://data/raw/feedback/" and options["--endpoint"] == "http://minio:9000"
+    # the scrubbing preparation applies to the job's data
+    assert yaml.safe_load(options["--pii"]) == {"redact": ["email", "phone"], "allow": ["help@acme.example"]}
+    assert server["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]  # referenced, never read
+    # feedback names a completion the pod that served it keeps: a client's requests go to one pod
+    assert children.serving_service(job)["spec"]["sessionAffinity"] == "ClientIP"
+
+
+def test_without_capture_the_server_gets_no_credentials_and_records_nothing():
+    job = _job(serve={"enabled": True})
+    server = _server(children.serving_deployment(job, "s3://models/out/model", SETTINGS))
+    assert "envFrom" not in server and not any(a.startswith("--capture") for a in server["command"])
+    assert "sessionAffinity" not in children.serving_service(job)["spec"]
+
+
+def test_capture_needs_kubetune_serve():
+    with pytest.raises(SpecError, match="serve: capture needs kubetune serve"):
+        _job(serve={"enabled": True, "image": "vllm/vllm-openai:v0.11.0", "capture": CAPTURE})
+
+
+def test_a_schedules_endpoint_captures_as_its_serve_says():
+    doc = schedule_doc(serve={"capture": {"uri": "s3://logs/bot/", "feedbackUri": "s3://data/raw/"}})
+    doc["spec"]["jobTemplate"]["storage"] = {"credentialsSecret": "s3-creds"}
+    doc["metadata"]["namespace"] = "team"
+    d = schedule_children.serving_deployment(parse_schedule(doc), 3, "s3://models/bot/bot-r3/model", SETTINGS)
+    command = _server(d)["command"]
+    assert command[command.index("--capture-uri") + 1] == "s3://logs/bot/"
+    assert command[command.index("--feedback-uri") + 1] == "s3://data/raw/"  # feedback is the next run's data
+    assert command[command.index("--capture-sample-rate") + 1] == "1.0"
+    assert _server(d)["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    # with trigger.newData and no feedbackUri, rated replies land under the new-data prefix: they start the next run
+    doc["spec"]["serve"]["capture"].pop("feedbackUri")
+    doc["spec"]["trigger"] = {"newData": {"uri": "s3://data/incoming/"}}
+    command = _server(schedule_children.serving_deployment(parse_schedule(doc), 3, "s3://m/model", SETTINGS))["command"]
+    assert command[command.index("--feedback-uri") + 1] == "s3://data/incoming/feedback/"
+    plain = schedule_children.serving_deployment(parse_schedule(schedule_doc()), 3, "s3://m/model", SETTINGS)
+    assert "--capture-uri" not in _server(plain)["command"] and "envFrom" not in _server(plain)
+
+
 @pytest.mark.parametrize("quantity, cpus", [
     (None, 1), ("500m", 1), ("2500m", 2), ("2", 2), ("1.5", 1), ("4000m", 4), ("1e1", 10), ("2E1", 20),
     ("1k", 1000), (".000000002E", 2_000_000_000), ("1Ki", 1024), ("3000000000n", 3), ("0", 1),
@@ -126,3 +182,15 @@ def test_an_external_serving_image_gets_its_args():
 def test_whole_cpus_reads_every_quantity_the_spec_admits(quantity, cpus):
     # ".23672E" (E alone: exa) once crashed the reconcile loop: the fuzzer found it
     assert children.whole_cpus(quantity) == cpus
+
+
+def test_failed_pods_count_by_their_class():
+    """Permanent exit codes fail the Job at once; a disrupted pod (preempted, evicted, drained) does not count.
+    The API server's validation of this policy is exercised wherever these Jobs are created (test_k8s_*)."""
+    for j in (children.prepare_job(_job(), SETTINGS), children.training_job(_job(), 0, SETTINGS)):
+        rules = j["spec"]["podFailurePolicy"]["rules"]
+        assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        assert rules[1] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [3, 4, 5, 6]}}
+        assert j["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # what a podFailurePolicy requires
+        env = j["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "KUBETUNE_TERMINATION_LOG", "value": "/dev/termination-log"} in env

@@ -77,8 +77,41 @@ def test_a_diverging_loss_stops_the_run_without_saving_it(tmp_path, monkeypatch)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "poison"))
     proc = train_job(job, tmp_path / "scratch")
     log, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, log[-3000:]
+    assert proc.returncode == 6, log[-3000:]  # diverged: the pod's exit code fails its Job at once (kubetune.errors)
     line = next((x for x in log.splitlines() if "the training loss became nan at step 6" in x), None)
     assert line and "try a lower training.learningRate" in line, log[-3000:]
     saved = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoints/*/COMPLETE"))
     assert saved == [1, 2, 3, 4, 5]  # the last good one kept, nothing saved from the NaN step on
+
+
+# An unexpected failure after training (a bug, a broken disk) is faked: evaluation raises, in the pod's command
+# process, once every rank has ended and the model is exported.
+CRASH_EVALUATION = """
+import kubetune.evaluate.run as run
+def evaluate_after_training(job, log=print):
+    raise RuntimeError("evaluation crashed (test)")
+run.evaluate_after_training = evaluate_after_training
+"""
+
+
+def test_a_crash_after_training_ends_with_one_line_and_the_retry_trains_nothing_again(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    job = make_job(tmp_path, str(out), "crash", training={"maxSteps": 4, "checkpointEvery": 2})
+    prepare(parse_job(json.loads(job.read_text())), log=lambda _: None)
+    (tmp_path / "poison").mkdir()
+    (tmp_path / "poison" / "sitecustomize.py").write_text(CRASH_EVALUATION)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "poison"))
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    proc = train_job(job, tmp_path / "scratch")
+    log, _ = proc.communicate(timeout=300)
+    line = "error: unexpected RuntimeError: evaluation crashed (test)"
+    assert proc.returncode == 1 and log.strip().splitlines()[-1] == line, log[-3000:]  # exit 1: retried
+    assert (tmp_path / "termination-log").read_text() == line + "\n"  # the job's status.message in a pod
+
+    monkeypatch.delenv("PYTHONPATH")  # the retry, with the fault gone
+    proc = train_job(job, tmp_path / "scratch")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert "resuming from the complete checkpoint at step 4" in log, log[-3000:]
+    assert [r["step"] for r in rows((out / "metrics.csv").read_text())] == ["1", "2", "3", "4"]  # no step trained twice
+    assert (out / "model" / "lineage.json").exists()  # and the evaluation ran to its end

@@ -115,5 +115,6 @@ def test_cli_missing_bucket_is_one_line(s3_server, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(job_doc("s3://no-such-bucket/data/", str(tmp_path / "o"), storage={"endpoint": s3_server})))
     run = subprocess.run([sys.executable, "-m", "kubetune.cli", "prepare", str(job)], capture_output=True, text=True)
-    assert run.returncode == 1
-    assert run.stderr.strip() == "error: s3://no-such-bucket/data/: bucket 'no-such-bucket' does not exist"
+    assert run.returncode == 4  # storage refused (kubetune.errors): no retry helps
+    assert run.stderr.strip() == (f"error: bucket no-such-bucket does not exist (at {s3_server}; "
+                                  "s3://no-such-bucket/data/)")

@@ -63,11 +63,18 @@ class FakeApi:
         self._delete("Deployment", name)
 
     def job_pods(self, ns, name):
-        return []
+        return (self.objects.get(("Job", name)) or {}).get("pods", [])
 
 
-def done(kind="Complete", suspend=False):
-    return {"spec": {"suspend": suspend}, "status": {"conditions": [{"type": kind, "status": "True", "message": "m"}]}}
+def done(kind="Complete", suspend=False, pods=()):
+    return {"spec": {"suspend": suspend}, "status": {"conditions": [{"type": kind, "status": "True", "message": "m"}]},
+            "pods": list(pods)}
+
+
+def pod(exit_code: int, message: str = "", disrupted: bool = False) -> dict:
+    """A failed pod as the kubelet leaves it: the exit code, the termination message, DisruptionTarget if evicted."""
+    return {"status": {"conditions": [{"type": "DisruptionTarget", "status": "True"}] if disrupted else [],
+                       "containerStatuses": [{"state": {"terminated": {"exitCode": exit_code, "message": message}}}]}}
 
 
 RUNNING = {"spec": {}, "status": {}}
@@ -114,6 +121,30 @@ CASES = [
      ["Service/bot-train", *PODS_NEED, "Job/bot-train-1"], ["Job/bot-train-0"], {"trainingJob": "bot-train-1"}),
     ("last retry failed", body(status={**TRAINING, "retries": 3}), {"bot-train-3": done("Failed")}, {},
      "Failed", "TrainingFailed", [], [], {}),
+    # failure classes (kubetune.errors): permanent ones fail at once, a disrupted gang is not counted
+    ("permanent exit code: failed at once, whatever retries are left", body(status=TRAINING),
+     {"bot-train-0": done("Failed", pods=[pod(3, "error: the data has 4 packed training rows, fewer than x")])}, {},
+     "Failed", "InvalidInput", [], [], {}),
+    ("a gang: its peer failed after the permanent one, which names the class", body(status=TRAINING),
+     {"bot-train-0": done("Failed", pods=[pod(1, "rendezvous closed"), pod(5, "error: model.source: cannot load")])},
+     {}, "Failed", "ModelError", [], [], {}),
+    ("storage refused in preparation", body(), {"bot-prepare": done("Failed", pods=[pod(4, "error: bucket b does not "
+                                                                                    "exist")])}, {},
+     "Failed", "StorageError", [], [], {}),
+    ("a transient exit code is retried", body(status=TRAINING), {"bot-train-0": done("Failed", pods=[pod(75, "x")])}, {},
+     "Training", "Retrying", [], [], {"retries": 1, "trainingJob": "bot-train-1"}),
+    ("an unexpected exception (exit 1) is retried", body(status=TRAINING),
+     {"bot-train-0": done("Failed", pods=[pod(1, "error: unexpected KeyError: 'x'")])}, {},
+     "Training", "Retrying", [], [], {"retries": 1, "trainingJob": "bot-train-1"}),
+    ("a diverged loss fails at once", body(status=TRAINING),
+     {"bot-train-0": done("Failed", pods=[pod(6, "error: the training loss became nan at step 6")])}, {},
+     "Failed", "TrainingDiverged", [], [], {}),
+    ("a preempted gang with its retries used up: a new attempt, not counted", body(status={**TRAINING, "retries": 3}),
+     {"bot-train-3": done("Failed", pods=[pod(75, "preempted", disrupted=True), pod(1, "rendezvous closed")])}, {},
+     "Training", "Preempted", [], [], {"preemptions": 1, "trainingJob": "bot-train-4", "retries": None}),
+    ("preemption recorded: the next gang starts", body(status={**TRAINING, "retries": 3, "preemptions": 1}),
+     {"bot-prepare": done(), "bot-train-3": done("Failed")}, {}, "Training", "Training",
+     ["Service/bot-train", *PODS_NEED, "Job/bot-train-4"], ["Job/bot-train-3"], {"trainingJob": "bot-train-4"}),
     ("gang done", body(status=TRAINING), {"bot-train-0": done()}, {}, "Succeeded", "Succeeded", [], [],
      {"outputModel": "s3://models/bot/model"}),
     ("gang done, serving", body(status=TRAINING, serve={"enabled": True}), {"bot-train-0": done()}, {},
@@ -246,3 +277,9 @@ def test_the_watchdog_wakes_a_job_when_it_would_stall():
     time.sleep(3.2)
     assert [name for name, _ in woken] == ["a", "b"]
     assert woken[0][1] - start == pytest.approx(1.5, abs=0.3) and woken[1][1] - start == pytest.approx(2.5, abs=0.3)
+
+
+def test_a_permanent_failure_says_its_cause_once():
+    jobs = {"bot-train-0": done("Failed", pods=[pod(3, "Traceback...\nerror: the data has 4 packed training rows")])}
+    outcome = reconcile(FakeApi(jobs), Settings(), body(status=TRAINING), adopt=lambda obj: None)
+    assert outcome.message == "the data has 4 packed training rows"  # the last line, no "error: ", no retry count

@@ -8,7 +8,8 @@ from conftest import EXAMPLES, job_doc
 from kubetune.spec import SpecError, load_job, parse_job
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(set(EXAMPLES.glob("*.yaml")) - set(EXAMPLES.glob("*-schedule.yaml"))),
+                         ids=lambda p: p.name)
 def test_examples_are_valid(path):
     job = load_job(path)
     assert job.metadata.name
@@ -50,7 +51,7 @@ def test_cli_validate_reports_problems_and_exit_code(tmp_path):
     doc = job_doc("data/", "out/", training={"epochs": 0})
     bad.write_text(yaml.safe_dump(doc))
     run = subprocess.run([sys.executable, "-m", "kubetune.cli", "validate", str(bad)], capture_output=True, text=True)
-    assert run.returncode == 2
+    assert run.returncode == 3  # invalid input (kubetune.errors)
     assert "spec.training.epochs: Input should be greater than or equal to 1" in run.stderr
     assert "Traceback" not in run.stderr
     ok = subprocess.run([sys.executable, "-m", "kubetune.cli", "validate", str(EXAMPLES / "quickstart.yaml")],
@@ -63,3 +64,11 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     bad.write_text("apiVersion: kubetune.dev/v1alpha1\nkind: FineTuneJob\nspec: [unclosed\n")
     with pytest.raises(SpecError, match=r"line \d+, column \d+"):
         load_job(bad)
+
+
+def test_must_beat_serving_needs_the_served_model_named():
+    doc = job_doc("s3://d/", "s3://o/", evaluation={"gate": {"metric": "valid_loss", "mustBeat": "serving"}})
+    with pytest.raises(SpecError, match=r"evaluation: gate.mustBeat: serving needs evaluation.servedModel"):
+        parse_job(doc)
+    doc["spec"]["evaluation"]["servedModel"] = "s3://models/bot/bot-r1/model"
+    assert parse_job(doc).spec.evaluation.gate.must_beat == "serving"

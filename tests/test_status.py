@@ -21,6 +21,12 @@ def test_data_report_carries_counts_only():
         "examplesIn": 10, "train": 7, "validation": 1, "badLines": 2, "exactDuplicates": 1, "nearDuplicates": 0,
         "piiRedacted": 3, "trainTokens": 900}}
 
+    report["examples_out"]["golden"] = 4  # with evaluation.goldenSet and preprocessing.dedup.index
+    report["duplicates"].update(golden=2, index=5)
+    assert DataReport.from_report(report).patch() == {
+        "examplesIn": 10, "train": 7, "validation": 1, "badLines": 2, "exactDuplicates": 1, "nearDuplicates": 0,
+        "piiRedacted": 3, "trainTokens": 900, "golden": 4, "goldenRemoved": 2, "indexRemoved": 5}
+
 
 def test_a_writer_cannot_invent_fields_or_phases():
     with pytest.raises(ValidationError, match="stepz"):

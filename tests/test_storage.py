@@ -5,7 +5,8 @@ from boto3.s3.transfer import TransferConfig
 
 from conftest import start_moto
 from kubetune.spec import Storage
-from kubetune.storage import CREDENTIALS_DIR_ENV, Mirror, S3Store, StorageError, download_tree, store_for, upload_tree
+from kubetune.storage import (CREDENTIALS_DIR_ENV, AccessDenied, BucketMissing, Mirror, NotFound, S3Store, StorageError,
+                              Unavailable, download_tree, store_for, upload_tree)
 
 
 def test_prefix_lists_every_shard_and_a_key_names_one_file(s3, s3_server):
@@ -38,6 +39,40 @@ def test_round_trip_and_multipart(s3, s3_server, tmp_path):
     assert (tmp_path / "back.bin").read_bytes() == payload
 
 
+@pytest.mark.parametrize("size", [0, 100, 20 * 1024 * 1024 + 5])  # empty, one PUT, three parts
+def test_streamed_writes_and_reads(s3, s3_server, tmp_path, size):
+    client, bucket = s3
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    for store, uri in ((S3Store(Storage(endpoint=s3_server)), f"s3://{bucket}/s/data.jsonl"),
+                       (store_for(str(tmp_path)), str(tmp_path / "s" / "data.jsonl"))):
+        writer = store.open_write(uri)
+        for at in range(0, size, 3 * 1024 * 1024 + 1):  # chunks that do not line up with the parts
+            writer.write(data[at:at + 3 * 1024 * 1024 + 1])
+        assert not store.exists(uri)  # nothing to read until it is whole
+        writer.close()
+        body = store.open_read(uri)
+        read = b"".join(iter(lambda: body.read(1024 * 1024), b""))
+        body.close()
+        assert read == data
+        with pytest.raises(NotFound):
+            store.open_read(uri + ".none")
+    etag = client.head_object(Bucket=bucket, Key="s/data.jsonl")["ETag"]
+    assert etag.endswith('-3"') == (size > 16 * 1024 * 1024)  # a multipart object's ETag counts its parts
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_an_aborted_streamed_write_leaves_nothing(s3, s3_server, tmp_path):
+    client, bucket = s3
+    for store, uri in ((S3Store(Storage(endpoint=s3_server)), f"s3://{bucket}/s/data.jsonl"),
+                       (store_for(str(tmp_path)), str(tmp_path / "s" / "data.jsonl"))):
+        writer = store.open_write(uri)
+        writer.write(b"x" * (9 * 1024 * 1024))  # a part went up
+        writer.abort()
+        assert not store.exists(uri)
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert list((tmp_path / "s").iterdir()) == []
+
+
 def test_trees_copy_both_ways(s3, s3_server, tmp_path):
     _, bucket = s3
     src = tmp_path / "src"
@@ -54,14 +89,14 @@ def test_trees_copy_both_ways(s3, s3_server, tmp_path):
 def test_clear_one_line_errors(s3, s3_server):
     _, bucket = s3
     store = S3Store(Storage(endpoint=s3_server))
-    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist") as e:
+    with pytest.raises(BucketMissing, match="^bucket no-such-bucket does not exist") as e:
         store.list("s3://no-such-bucket/data/")
     assert "\n" not in str(e.value)
     with pytest.raises(StorageError, match="no objects under this prefix"):
         store.list(f"s3://{bucket}/empty/")
-    with pytest.raises(StorageError, match="no such object"):
+    with pytest.raises(NotFound, match="no such object"):
         store.read_bytes(f"s3://{bucket}/missing.jsonl")
-    with pytest.raises(StorageError, match="cannot reach S3 endpoint"):
+    with pytest.raises(Unavailable, match="^object storage at http://127.0.0.1:9 unavailable after 9 tries"):
         S3Store(Storage(endpoint="http://127.0.0.1:9")).list(f"s3://{bucket}/x")
 
 
@@ -71,9 +106,11 @@ def test_wrong_credentials_are_reported_without_the_secret(monkeypatch):
     try:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
-        with pytest.raises(StorageError, match="access denied") as e:
+        with pytest.raises(AccessDenied, match=r"^access denied to s3://bucket \(InvalidAccessKeyId; check AWS_") as e:
             S3Store(Storage(endpoint=url)).list("s3://bucket/data/")
         assert "very-secret-value" not in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(AccessDenied, match=r"check the credentials Secret team-s3\)$"):
+            S3Store(Storage(endpoint=url, credentials_secret="team-s3")).list("s3://bucket/data/")
     finally:
         proc.terminate()
         proc.wait(10)

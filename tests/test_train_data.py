@@ -38,6 +38,18 @@ def test_plan_errors_name_the_field():
     with pytest.raises(PlanError, match="3 packed training rows, fewer than training.globalBatchSize 8"):
         make_plan(3, 8, 1, 1, 1, None)
     assert make_plan(100, 12, 5, 2, 1, None).micro == 3  # largest micro batch dividing 6 per rank
+    with pytest.raises(PlanError, match="1 packed training row.s., fewer than the 2 training processes"):
+        make_plan(1, "auto", 1, 2, 1, None)
+
+
+@pytest.mark.parametrize("rows, world, batch, steps", [
+    (4, 1, 1, 4), (4, 2, 2, 2), (30, 2, 2, 15), (100, 2, 12, 8), (1000, 8, 32, 31), (100, 3, 12, 8), (5, 4, 4, 1)])
+def test_auto_batch_fits_small_data_and_caps_at_32(rows, world, batch, steps):
+    """30 short conversations pack into a few rows: auto still trains, about 8 steps per epoch where the data
+    allows, on every process, and a fixed 32 once the data is large."""
+    plan = make_plan(rows, "auto", 4, world, 1, None)
+    assert (plan.global_batch, plan.steps_per_epoch) == (batch, steps)
+    assert plan.global_batch % world == 0 and plan.global_batch <= rows
 
 
 def test_warmup_then_cosine_to_zero():

@@ -16,7 +16,7 @@ import pytest
 from conftest import EXAMPLES, job_doc
 from kubetune.data.prepare import prepare
 from kubetune.spec import parse_job
-from kubetune.train.launch import cpu_threads_env, torchrun_command
+from kubetune.train.launch import cpu_threads_env, run_ranks, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -111,8 +111,8 @@ def test_a_batch_bigger_than_the_data_fails_with_one_line_naming_the_numbers(tmp
     doc = json.loads(path.read_text())
     doc["spec"]["training"]["globalBatchSize"] = 4096  # far more rows than support-faq packs into
     path.write_text(json.dumps(doc))
-    rc, out = run(torchrun_command(str(path), 2), tmp_path, 300, KUBETUNE_ERROR_FILE=str(tmp_path / "error"))
-    assert rc != 0
-    cause = (tmp_path / "error").read_text().splitlines()  # what a pod's termination message carries
-    assert cause and cause[0].startswith("error: the data has ") and "fewer than training.globalBatchSize 4096" in cause[0]
-    assert "Traceback" not in cause[0]
+    # what `kubetune run` and a training pod end with: the rank's class (invalid input: 3) and one-line cause,
+    # not torchrun's exit code 1 and report
+    code, cause = run_ranks(torchrun_command(str(path), 2), {**cpu_threads_env(2), "KUBETUNE_SCRATCH": str(tmp_path)})
+    assert code == 3
+    assert cause.startswith("error: the data has ") and "fewer than training.globalBatchSize 4096" in cause

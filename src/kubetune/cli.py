@@ -1,12 +1,14 @@
-"""The ``kubetune`` command: validate, prepare and run a FineTuneJob on this machine, print the CRD."""
+"""The ``kubetune`` command: validate, prepare and run a FineTuneJob on this machine, print the CRDs, ask a
+FineTuneSchedule to retrain or roll back."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from kubetune.errors import KubetuneError
-from kubetune.spec import SpecError, load_job
+from kubetune.errors import KubetuneError, missing_extra, report, stop_on_sigterm
+from kubetune.spec import load_job
 
 
 def _validate(args) -> int:
@@ -22,9 +24,10 @@ def _load(args):
     return job
 
 
-def _prepare_job(job) -> None:
+def _prepare_job(job, world: int) -> None:
     from kubetune.data.prepare import prepare, summary
     from kubetune.status import DataReport, Status
+    from kubetune.train.plan import make_plan
     from kubetune.train.progress import reporter_for
 
     report = prepare(job)
@@ -32,10 +35,16 @@ def _prepare_job(job) -> None:
     print(summary(report), flush=True)
     # in a pod, the counts (never the data) go into the job's status; a failed write is only a warning
     reporter_for(job.spec.output.uri, job.spec.storage).patch(Status(data_report=DataReport.from_report(report)))
+    # The batch against the data, before any training pod (and its GPUs) starts: a PlanError fails here, once.
+    t = job.spec.training
+    plan = make_plan(report["tokens"]["train"]["rows"], t.global_batch_size, 1, world, t.epochs, t.max_steps)
+    print(f"batch: {plan.global_batch} rows per step{' (auto)' if t.global_batch_size == 'auto' else ''} on "
+          f"{world} process(es): {plan.steps_per_epoch} steps per epoch, {plan.total_steps} in all", flush=True)
 
 
 def _prepare(args) -> int:
-    _prepare_job(_load(args))
+    stop_on_sigterm("preparation")
+    _prepare_job(_load(args), args.world)
     return 0
 
 
@@ -44,26 +53,17 @@ def _train_job(job, nproc: int) -> tuple[int, str]:
     code, and the cause a failed rank wrote, if any."""
     import json
     import os
-    import subprocess
     import tempfile
 
     from kubetune.evaluate.run import evaluate_after_training
-    from kubetune.train.launch import cpu_threads_env, torchrun_command
+    from kubetune.train.launch import cpu_threads_env, run_ranks, torchrun_command
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="kubetune-job-", delete=False) as f:
         json.dump(job.model_dump(mode="json", by_alias=True, exclude_none=True), f)
-    errors = f.name.removesuffix(".json") + ".errors"  # the ranks' own one-line causes (kubetune.train)
     try:
-        env = {**os.environ, **cpu_threads_env(nproc), "KUBETUNE_ERROR_FILE": errors}
-        code = subprocess.run(torchrun_command(f.name, nproc), env=env).returncode
-        cause = ""
-        if code and os.path.exists(errors):
-            with open(errors) as e:
-                cause = e.readline().strip()
+        code, cause = run_ranks(torchrun_command(f.name, nproc), cpu_threads_env(nproc))
     finally:
-        for path in (f.name, errors):
-            if os.path.exists(path):
-                os.unlink(path)
+        os.unlink(f.name)
     if not code:
         evaluate_after_training(job)
     return code, cause
@@ -71,11 +71,16 @@ def _train_job(job, nproc: int) -> tuple[int, str]:
 
 def _train_pod(args) -> int:
     """A training pod's command: torchrun with the operator's launcher options, then on node 0 the
-    evaluation, once the gang has let go of the accelerators."""
+    evaluation, once the gang has let go of the accelerators. A failed rank's class is the pod's exit
+    code (what the Job's podFailurePolicy reads) and its cause the termination message."""
+    from kubetune.errors import write_termination_log
     from kubetune.evaluate.run import evaluate_after_training
-    from kubetune.train.launch import launcher_command, node_rank, run_passing_signals
+    from kubetune.train.launch import launcher_command, node_rank, run_ranks
 
-    code = run_passing_signals(launcher_command(args.job, args.launcher))
+    code, cause = run_ranks(launcher_command(args.job, args.launcher), {}, pass_signals=True)
+    if cause:
+        print(f"\n{cause}", file=sys.stderr, flush=True)
+        write_termination_log(cause)
     if not code and node_rank(args.launcher) == 0:
         evaluate_after_training(load_job(args.job))
     return code
@@ -93,9 +98,9 @@ def _train(args) -> int:
 def _run(args) -> int:
     from kubetune.train.launch import default_nproc
 
-    job = _load(args)
-    _prepare_job(job)
-    code, cause = _train_job(job, args.nproc or default_nproc())
+    job, nproc = _load(args), args.nproc or default_nproc()
+    _prepare_job(job, nproc)
+    code, cause = _train_job(job, nproc)
     if code:
         # The cause last, where it is seen; a storage or build failure is not fixed by a rerun alone.
         print(f"\n{cause}" if cause else f"error: training failed (exit code {code}); rerun the same command to "
@@ -149,21 +154,56 @@ def _serve(args) -> int:
     from kubetune.storage import Mirror
 
     model = Mirror(args.model, spec=Storage(endpoint=args.endpoint))  # an s3:// model: a local copy first
-    serve(str(model.fetch()), args.host, args.port, args.name, args.max_tokens, args.max_queue, args.max_batch)
+    serve(str(model.fetch()), args.host, args.port, args.name, args.max_tokens, args.max_queue, args.max_batch,
+          _recorder(args))
     return 0
 
 
+def _recorder(args):
+    """The capture of served conversations the options ask for, or None."""
+    from pydantic import ValidationError
+
+    from kubetune.serve.capture import Recorder
+    from kubetune.spec import Capture, Pii, SpecError, validation_problems
+
+    if not args.capture_uri:
+        if args.feedback_uri:
+            raise SpecError("kubetune serve", ["--feedback-uri: needs --capture-uri"])
+        return None
+    problems, option = [], {"uri": "--capture-uri", "sample_rate": "--capture-sample-rate", "feedback_uri": "--feedback-uri"}
+    try:  # the spec's own checks, each problem named by its option
+        c = Capture(uri=args.capture_uri, sample_rate=args.capture_sample_rate, feedback_uri=args.feedback_uri)
+    except ValidationError as e:
+        problems += [option.get(p.split(":")[0], "") + p[p.index(":"):] for p in validation_problems(e)]
+    try:
+        pii = Pii.model_validate_json(args.pii) if args.pii else Pii()
+    except ValidationError as e:
+        problems += [f"--pii {p}" for p in validation_problems(e)]
+    if problems:
+        raise SpecError("kubetune serve", problems)
+    return Recorder(c.uri, c.sample_rate, c.feedback_uri, pii, args.endpoint, args.capture_flush_seconds)
+
+
 def _api(args) -> int:
+    from kubetune.api.access import Limits, audience_names
     from kubetune.api.jobs import load_settings
-    from kubetune.api.server import serve_api
+    from kubetune.api.server import serve_api, tls_context
 
     storage = {"endpoint": args.storage_endpoint} if args.storage_endpoint else None
     try:
-        settings = load_settings(args.config, files_uri=args.files, outputs_uri=args.outputs, storage=storage)
+        settings = load_settings(args.config, files_uri=args.files, outputs_uri=args.outputs, storage=storage,
+                                 audiences=args.audience)
+        audience_names(settings.audiences)
+        limits = Limits(args.review_rate, args.review_burst)
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+        if tls:
+            tls_context(*tls)  # unreadable files: this error now, not a traceback once serving
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    serve_api(settings, args.host, args.port)
+    serve_api(settings, args.host, args.port, limits, tls)
     return 0
 
 
@@ -202,11 +242,60 @@ def _crd(args) -> int:
 
     from kubetune.crd import crd
 
-    sys.stdout.write(yaml.safe_dump(crd(), sort_keys=False, width=120))
+    sys.stdout.write(yaml.safe_dump(crd(args.kind), sort_keys=False, width=120))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _retrain(args) -> int:
+    from kubetune.schedule_commands import retrain
+
+    print(retrain(args.name, args.namespace))
+    return 0
+
+
+def _rollback(args) -> int:
+    from kubetune.schedule_commands import rollback
+
+    print(rollback(args.name, args.namespace, args.to, args.unpin))
+    return 0
+
+
+def _schedule_commands(sub) -> None:
+    p = sub.add_parser("retrain", help="start a run of a FineTuneSchedule now (sets kubetune.dev/retrain-requested-at)")
+    p.add_argument("name")
+    p.add_argument("-n", "--namespace", help="default: kubectl's current namespace")
+    p.set_defaults(func=_retrain)
+    p = sub.add_parser("rollback", help="serve an earlier revision of a FineTuneSchedule (sets spec.pinnedRevision)")
+    p.add_argument("name")
+    p.add_argument("--to", type=int, help="the revision to serve (default: the one before the served one)")
+    p.add_argument("--unpin", action="store_true", help="remove spec.pinnedRevision: serve the latest revision again")
+    p.add_argument("-n", "--namespace", help="default: kubectl's current namespace")
+    p.set_defaults(func=_rollback)
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model folder or s3:// model as an OpenAI-compatible endpoint")
+    p.add_argument("model", help="a Hugging Face model folder or s3://bucket/prefix/model/")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="model id clients use (default: the folder name)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 503")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests generated together (continuous batching); 1 generates one at a time")
+    p.add_argument("--endpoint", help="S3-compatible endpoint URL for an s3:// model and the capture")
+    # serve.capture (kubetune.serve.capture): the operator passes these from the job's spec
+    p.add_argument("--capture-uri", help="record conversations and feedback, PII-scrubbed, as chat JSONL under this "
+                   "s3:// prefix or folder (serve.capture.uri)")
+    p.add_argument("--capture-sample-rate", type=float, default=1.0, help="fraction of conversations recorded")
+    p.add_argument("--feedback-uri", help="where conversations rated up or corrected go, as training data")
+    p.add_argument("--pii", help='the scrubbing, as preprocessing.pii in JSON, e.g. {"redact": ["email"], "allow": []} '
+                   "(default: every type)")
+    p.add_argument("--capture-flush-seconds", type=float, default=30.0, help="longest wait before a batch is written")
+    p.set_defaults(func=_serve)
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Fine-tune chat models on your own data.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check a FineTuneJob file and list every problem with its field")
@@ -221,30 +310,32 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--output", help="override spec.output.uri")
         if name in ("train", "run"):
             p.add_argument("--nproc", type=int, help="training processes (default: GPUs, else 2 on CPU)")
+        if name == "prepare":
+            p.add_argument("--world", type=int, default=1, help="training processes the batch is planned for "
+                           "(the operator passes the job's; the batch must divide among them)")
         p.set_defaults(func=func)
     p = sub.add_parser("train-job", help="a training pod's command: torchrun with these launcher options, then "
                        "evaluation on node 0")
     p.add_argument("job")
     p.add_argument("launcher", nargs=argparse.REMAINDER, help="torchrun options, e.g. --nnodes=2 --node-rank=0")
     p.set_defaults(func=_train_pod)
-    p = sub.add_parser("serve", help="serve a model folder or s3:// model as an OpenAI-compatible endpoint")
-    p.add_argument("model", help="a Hugging Face model folder or s3://bucket/prefix/model/")
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--name", help="model id clients use (default: the folder name)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond this get 503")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="requests generated together (continuous batching); 1 generates one at a time")
-    p.add_argument("--endpoint", help="S3-compatible endpoint URL for an s3:// model")
-    p.set_defaults(func=_serve)
+    _serve_parser(sub)
     p = sub.add_parser("api", help="OpenAI's files and fine-tuning API on this cluster (api_key: a Kubernetes token)")
-    p.add_argument("--config", help="YAML settings: filesUri, outputsUri, storage, jobDefaults, models, defaultNamespace")
+    p.add_argument("--config", help="YAML settings: filesUri, outputsUri, storage, jobDefaults, models, "
+                   "defaultNamespace, audiences")
     p.add_argument("--files", help="s3:// prefix for uploaded files (filesUri)")
     p.add_argument("--outputs", help="s3:// prefix for the jobs' outputs (outputsUri)")
     p.add_argument("--storage-endpoint", help="S3-compatible endpoint URL (storage.endpoint)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--audience", action="append",
+                   help="callers' tokens must be made for this audience (repeatable; default kubetune, or the "
+                        "config file's audiences): kubectl create token SA --audience kubetune")
+    p.add_argument("--review-rate", type=float, default=20.0,
+                   help="TokenReviews + SubjectAccessReviews a second at most; beyond it new keys get 429")
+    p.add_argument("--review-burst", type=int, default=40, help="reviews at once before the rate applies")
+    p.add_argument("--tls-cert", help="serve HTTPS only, with this PEM certificate (chain)")
+    p.add_argument("--tls-key", help="the PEM private key of --tls-cert")
     p.set_defaults(func=_api)
     p = sub.add_parser("chat", help="chat in the terminal with an endpoint (http://…) or a local model folder")
     p.add_argument("target")
@@ -267,18 +358,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="step-N, best or last (the final model once the job finished)")
     p.add_argument("--to", help="destination folder or s3:// prefix (default OUTPUT/exports/CHECKPOINT/)")
     p.set_defaults(func=_export)
-    p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    _schedule_commands(sub)
+    p = sub.add_parser("crd", help="print a CustomResourceDefinition: FineTuneJob (default) or FineTuneSchedule")
+    p.add_argument("--kind", choices=["job", "schedule"], default="job")
     p.set_defaults(func=_crd)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KubetuneError as e:  # storage, preparation, the model: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - every failure ends with one line naming its cause; the code its class
+        # a missing optional package (`kubetune prepare` with only the operator's extras): which extra has it
+        e = missing_extra(e, f"kubetune {args.command}", args.command) or e
+        if not isinstance(e, KubetuneError):
+            traceback.print_exc()  # a bug: its traceback for whoever fixes it, then the cause
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Generate the FineTuneJob CustomResourceDefinition from the spec model.
+"""Generate the CustomResourceDefinitions (FineTuneJob, FineTuneSchedule) from the spec models.
 
 Kubernetes wants a *structural* schema: no $ref, a type on every node, no anyOf for optional
 fields. Pydantic's JSON schema is turned into that here: references inlined, ``X | None``
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.schedule_spec import SCHEDULE_KIND, SCHEDULE_NAME_MAX, SCHEDULE_PLURAL, FineTuneScheduleSpec, ScheduleStatus
 from kubetune.spec import API_GROUP, API_VERSION, JOB_NAME, KIND, PLURAL, FineTuneJobSpec
 from kubetune.status import Status
 
 CRD_FILE = f"crds/{PLURAL}.{API_GROUP}.yaml"
+SCHEDULE_CRD_FILE = f"crds/{SCHEDULE_PLURAL}.{API_GROUP}.yaml"
 
 
 def _structural(node: Any, defs: dict) -> Any:
@@ -46,7 +48,7 @@ def _structural(node: Any, defs: dict) -> Any:
             raise ValueError(f"cannot express {options} in a structural schema")
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key == "additionalProperties" and value == {}:  # dict[str, Any]: any value, kept as it is
+        if key == "additionalProperties" and value in ({}, True):  # dict[str, Any]: any value, kept as it is
             out["x-kubernetes-preserve-unknown-fields"] = True
             continue
         if key in ("title", "$defs", "default") or (key == "additionalProperties" and not isinstance(value, dict)):
@@ -68,17 +70,69 @@ def _structural(node: Any, defs: dict) -> Any:
     return out
 
 
-def spec_schema() -> dict:
-    raw = FineTuneJobSpec.model_json_schema(by_alias=True)
+def _schema(model) -> dict:
+    raw = model.model_json_schema(by_alias=True)
     return _structural(raw, raw.get("$defs", {}))
+
+
+def spec_schema() -> dict:
+    return _schema(FineTuneJobSpec)
 
 
 def status_schema() -> dict:
-    raw = Status.model_json_schema(by_alias=True)
-    return _structural(raw, raw.get("$defs", {}))
+    return _schema(Status)
 
 
-def crd() -> dict:
+def _name_rules(max_length: int, why: str, names: str) -> list[dict]:
+    return [{
+        "rule": f"size(self.metadata.name) <= {max_length}",
+        "message": f"metadata.name must be at most {max_length} characters ({why})",
+    }, {  # Kubernetes allows dots in a custom object's name; Services and pod hostnames do not
+        "rule": f"self.metadata.name.matches(r'{JOB_NAME}')",
+        "message": f"metadata.name must be lowercase letters, digits and '-' (no dots): it names {names}",
+    }]
+
+
+def _definition(kind: str, plural: str, short: str, description: str, name_rules: list[dict], spec: dict,
+                status: dict, printer: list[dict]) -> dict:
+    schema = {
+        "type": "object",
+        "description": description,
+        "required": ["spec"],
+        "x-kubernetes-validations": name_rules,
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{API_GROUP}"},
+        "spec": {
+            "group": API_GROUP,
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
+                      "shortNames": [short], "categories": ["kubetune"]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": API_VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": printer,
+                "schema": {"openAPIV3Schema": schema},
+            }],
+        },
+    }
+
+
+def crd(kind: str = "job") -> dict:
+    """The CustomResourceDefinition of FineTuneJob (job) or FineTuneSchedule (schedule)."""
+    if kind == "schedule":
+        return schedule_crd()
     printer = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
@@ -92,41 +146,25 @@ def crd() -> dict:
         {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds", "priority": 1},
         {"name": "Eval", "type": "boolean", "jsonPath": ".status.evaluation.passed", "priority": 1},
     ]
-    schema = {
-        "type": "object",
-        "description": "A fine-tuning job: data in, a tuned chat model out.",
-        "required": ["spec"],
-        "x-kubernetes-validations": [{
-            "rule": "size(self.metadata.name) <= 40",
-            "message": "metadata.name must be at most 40 characters (child objects and pod hostnames add suffixes)",
-        }, {  # Kubernetes allows dots in a custom object's name; Services and pod hostnames do not
-            "rule": f"self.metadata.name.matches(r'{JOB_NAME}')",
-            "message": "metadata.name must be lowercase letters, digits and '-' (no dots): it names the job's Services and pods",
-        }],
-        "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
-            "spec": spec_schema(),
-            "status": status_schema(),
-        },
-    }
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{API_GROUP}"},
-        "spec": {
-            "group": API_GROUP,
-            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": "finetunejob",
-                      "shortNames": ["ftj"], "categories": ["kubetune"]},
-            "scope": "Namespaced",
-            "versions": [{
-                "name": API_VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": printer,
-                "schema": {"openAPIV3Schema": schema},
-            }],
-        },
-    }
+    rules = _name_rules(40, "child objects and pod hostnames add suffixes", "the job's Services and pods")
+    return _definition(KIND, PLURAL, "ftj", "A fine-tuning job: data in, a tuned chat model out.", rules,
+                       spec_schema(), status_schema(), printer)
+
+
+def schedule_crd() -> dict:
+    printer = [
+        {"name": "Serving", "type": "integer", "jsonPath": ".status.servedRevision",
+         "description": "The revision the endpoint serves"},
+        {"name": "Last Run", "type": "string", "jsonPath": ".status.lastRun.name"},
+        {"name": "Last Result", "type": "string", "jsonPath": ".status.lastResult.result"},
+        {"name": "Next Run", "type": "string", "jsonPath": ".status.nextRun"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Schedule", "type": "string", "jsonPath": ".spec.schedule", "priority": 1},
+        {"name": "Suspend", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1},
+        {"name": "Model", "type": "string", "jsonPath": ".status.servedModel", "priority": 1},
+    ]
+    rules = _name_rules(SCHEDULE_NAME_MAX, "its runs are NAME-rN, FineTuneJobs of at most 40",
+                        "its runs and its endpoint's Service")
+    return _definition(SCHEDULE_KIND, SCHEDULE_PLURAL, "fts", "A model kept up to date: runs (FineTuneJobs) on a "
+                       "schedule or on request, each promoted and served when it beats the served model.", rules,
+                       _schema(FineTuneScheduleSpec), _schema(ScheduleStatus), printer)

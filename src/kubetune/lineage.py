@@ -148,9 +148,9 @@ def build(job: FineTuneJob, prepared_dir: Path, gate: dict | None, parity: dict 
 
 
 def trainer_choices(progress: dict | None) -> dict:
-    """What the trainer chose where the spec says auto (micro batch, gradient checkpointing, compiled blocks),
-    from its last progress record."""
-    keys = ("microBatchSize", "gradientCheckpointing", "compiled")
+    """What the trainer chose where the spec says auto (global and micro batch, gradient checkpointing, compiled
+    blocks), from its last progress record."""
+    keys = ("globalBatchSize", "microBatchSize", "gradientCheckpointing", "compiled")
     return {k: progress[k] for k in keys if isinstance(progress, dict) and progress.get(k) is not None}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from kubetune.errors import KubetuneError
+from kubetune.errors import EXIT_MODEL, KubetuneError
 from kubetune.spec import FineTuneJob, FromConfig
 from kubetune.storage import Mirror, is_s3
 
@@ -77,6 +77,8 @@ SIZE_PRESETS = {
 
 class ModelError(KubetuneError):
     """The base model cannot be found or loaded."""
+
+    exit_code = EXIT_MODEL
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
@@ -180,7 +182,10 @@ def build_model(job: FineTuneJob, tokenizer, source: str | None, dtype, device=N
     if t.method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        # Adapters in the model's dtype, not peft's fp32: DeepSpeed casts the whole module to bf16 anyway, and
+        # compiled blocks traced before that cast keep its fp32 input casts (torch 2.11 on a GPU: "expected mat1
+        # and mat2 to have the same dtype"). The optimizer keeps fp32 master weights either way.
         model = get_peft_model(model, LoraConfig(
             r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-            target_modules=t.lora.target_modules, task_type="CAUSAL_LM"))
+            target_modules=t.lora.target_modules, task_type="CAUSAL_LM"), autocast_adapter_dtype=False)
     return model

@@ -10,13 +10,16 @@ from aiohttp import web
 
 class RequestError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.headers = headers  # e.g. Retry-After, which the openai client honours
 
 
-def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None):
-    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status)
+def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None):
+    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}}, status=status,
+                             headers=headers)
 
 
 def middleware(failure: str):
@@ -28,7 +31,7 @@ def middleware(failure: str):
         try:
             return await handler(request)
         except RequestError as e:
-            return error_response(e.status, str(e), e.kind, e.param, e.code)
+            return error_response(e.status, str(e), e.kind, e.param, e.code, e.headers)
         except web.HTTPException as e:
             if e.status < 400:
                 raise

@@ -105,6 +105,12 @@ class Dedup(_Model):
     near_threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity at or above which two examples are near duplicates.")
     ngram: int = Field(3, ge=1, le=16, description="Word n-gram size of the MinHash shingles.")
     num_perm: int = Field(128, ge=16, le=1024, description="Number of MinHash permutations.")
+    index: Uri | None = Field(
+        None, description="A dedup index kept across jobs (s3://bucket/prefix/ or a local folder): examples that "
+        "duplicate (exactly or nearly) one an earlier job trained on are dropped, and this job's training examples "
+        "are added to it after preparation. About 0.4 KB an example; the oldest beyond indexMaxExamples are forgotten.")
+    index_max_examples: int = Field(1_000_000, ge=1, le=100_000_000, description="The most examples the index "
+                                    "remembers (the newest); bounds its size (about 0.4 KB each).")
 
 
 class Pii(_Model):
@@ -169,7 +175,9 @@ class Training(_Model):
     epochs: int = Field(3, ge=1, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default 2e-4 for lora, 2e-5 for full.")
-    global_batch_size: int = Field(32, ge=1, description="Sequences per optimizer step across all ranks.")
+    global_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Packed rows per optimizer step across all ranks. auto: 32, or fewer for small data "
+        "(about 8 steps per epoch; a multiple of the training processes); the choice is in status.progress.")
     micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Rows per rank per forward pass (the global batch stays exact through gradient "
         "accumulation). auto: on GPUs the largest that fits, found by a short probe at start; on CPU 4.")
@@ -293,10 +301,15 @@ class Gate(_Model):
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
         "rule": "[has(self.mustBeat), has(self.min), has(self.max)].filter(x, x).size() == 1",
-        "message": "set exactly one of mustBeat, min, max"}]})
+        "message": "set exactly one of mustBeat, min, max"}, {
+        "rule": "!has(self.minDelta) || has(self.mustBeat)", "message": "minDelta goes with mustBeat"}]})
 
     metric: GateMetric = Field(description="An evaluation metric (see eval_report.json).")
-    must_beat: Literal["base"] | None = Field(None, description="base: the fine-tuned model must do better than the base model.")
+    must_beat: Literal["base", "serving"] | None = Field(
+        None, description="base: the fine-tuned model must do better than the base model (on the validation split); "
+        "serving: than evaluation.servedModel, on evaluation.goldenSet when given, else on the validation split.")
+    min_delta: float | None = Field(None, ge=0, description="With mustBeat: the fine-tuned model must be better by at "
+                                    "least this much (absent: any improvement).")
     min: float | None = Field(None, description="The fine-tuned model's value must be at least this.")
     max: float | None = Field(None, description="The fine-tuned model's value must be at most this.")
 
@@ -304,16 +317,35 @@ class Gate(_Model):
     def _exactly_one(self) -> Gate:
         if [self.must_beat is not None, self.min is not None, self.max is not None].count(True) != 1:
             raise ValueError("set exactly one of mustBeat, min, max")
+        if self.min_delta is not None and self.must_beat is None:
+            raise ValueError("minDelta goes with mustBeat")
         return self
 
 
 class Evaluation(_Model):
     """Generation evaluation on held-out conversations at the end."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "!has(self.gate) || !has(self.gate.mustBeat) || self.gate.mustBeat != 'serving' || has(self.servedModel)",
+        "message": "gate.mustBeat: serving needs evaluation.servedModel (the model being served)"}]})
+
     samples: int = Field(50, ge=0, description="Held-out conversations to generate replies for.")
     max_new_tokens: int = Field(128, ge=1, description="Longest generated reply.")
     gate: Gate | None = Field(None, description="Serve the model only if it passes this, e.g. {metric: valid_loss, "
                               "mustBeat: base} or {metric: rouge_l, min: 0.3}.")
+    golden_set: Uri | None = Field(
+        None, description="A fixed evaluation set (JSONL conversations, s3:// or local): never trained on (training "
+        "and validation examples that duplicate one of it, exactly or nearly, are dropped), and both models are "
+        "scored on it as on the validation split.")
+    served_model: Uri | None = Field(
+        None, description="The model being served (hf://, s3:// or a local folder), for gate.mustBeat: serving; "
+        "the report shows it beside the fine-tuned model.")
+
+    @model_validator(mode="after")
+    def _serving_needs_model(self) -> Evaluation:
+        if self.gate is not None and self.gate.must_beat == "serving" and self.served_model is None:
+            raise ValueError("gate.mustBeat: serving needs evaluation.servedModel (the model being served)")
+        return self
 
 
 class Output(_Model):
@@ -332,8 +364,35 @@ class Storage(_Model):
     )
 
 
+class Capture(_Model):
+    """Recording served conversations and users' feedback (POST /v1/feedback), PII-scrubbed with
+    preprocessing.pii before anything is written. Only `kubetune serve` records (not a custom serve.image)."""
+
+    uri: Uri = Field(description="s3:// prefix (or local folder) the sampled conversations and every feedback "
+                     "are written to, as chat JSONL objects named by time and pod. Set a lifecycle rule on it: "
+                     "kubetune deletes nothing.")
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Fraction of conversations recorded (0: only those "
+                               "given feedback).")
+    feedback_uri: Uri | None = Field(None, description="s3:// prefix (or local folder) conversations rated up or "
+                                     "corrected are written to as training data (chat JSONL), e.g. a schedule's "
+                                     "dataset prefix.")
+
+
+# A custom server (vLLM) does not record: capture is kubetune serve's.
+CAPTURE_RULE = {"rule": "!has(self.capture) || !has(self.image)", "fieldPath": ".capture",
+                "message": "capture needs kubetune serve: remove image (a custom server records nothing)"}
+
+
+def check_capture(serve: Any) -> Any:
+    if serve.capture is not None and serve.image is not None:
+        raise ValueError(CAPTURE_RULE["message"])
+    return serve
+
+
 class Serve(_Model):
     """Serving the final model as an OpenAI-compatible endpoint."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [CAPTURE_RULE]})
 
     enabled: bool = Field(False, description="Deploy an endpoint after the job succeeds.")
     replicas: int = Field(1, ge=1, le=10000, description="Serving pods.")
@@ -349,6 +408,9 @@ class Serve(_Model):
     )
     checkpoint: str = Field("last", pattern=CHECKPOINT_REF, max_length=32,
                             description="What is served: last (the final model), best (by training.bestMetric) or step-N.")
+    capture: Capture | None = Field(None, description="Record served conversations and feedback (off when absent).")
+
+    _capture = model_validator(mode="after")(check_capture)
 
 
 # What may change once a job exists. Everything else is fixed at creation: the pods' job file (a
@@ -436,16 +498,22 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 def parse_job(doc: Any, source: str = "job") -> FineTuneJob:
     """Validate a loaded YAML/JSON document; raises SpecError naming every bad field."""
+    return parse_document(FineTuneJob, doc, source)
+
+
+def parse_document(model: type[BaseModel], doc: Any, source: str):
+    """``doc`` as ``model`` (a kind: apiVersion, kind, metadata and spec); SpecError names every bad field."""
     if not isinstance(doc, dict):
         raise SpecError(source, ["(document): expected a mapping with apiVersion, kind, metadata and spec"])
     try:
-        return FineTuneJob.model_validate(doc)
+        return model.model_validate(doc)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{_field_path(err['loc'])}: {msg}")
-        raise SpecError(source, problems) from None
+        raise SpecError(source, validation_problems(e)) from None
+
+
+def validation_problems(e: ValidationError) -> list[str]:
+    """Each error of a validation as 'field.path: message'."""
+    return [f"{_field_path(err['loc'])}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
 
 
 def load_job(path: str | Path) -> FineTuneJob:

@@ -52,6 +52,11 @@ class DataReport(_Model):
     near_duplicates: int
     pii_redacted: int = Field(description="Personal-data values replaced with placeholders.")
     train_tokens: int
+    golden: int | None = Field(None, description="Examples of evaluation.goldenSet (a split of their own).")
+    golden_removed: int | None = Field(None, description="Training and validation examples dropped as exact or near "
+                                       "copies of a golden example.")
+    index_removed: int | None = Field(None, description="Examples dropped as copies of ones earlier jobs trained on "
+                                      "(preprocessing.dedup.index).")
 
     @classmethod
     def from_report(cls, report: dict) -> DataReport:
@@ -59,7 +64,10 @@ class DataReport(_Model):
         return cls(examples_in=report["examples_in"], train=report["examples_out"]["train"],
                    validation=report["examples_out"]["validation"], bad_lines=report["bad_lines"]["total"],
                    exact_duplicates=report["duplicates"]["exact"], near_duplicates=report["duplicates"]["near"],
-                   pii_redacted=sum(report["pii_redacted"].values()), train_tokens=report["tokens"]["train"]["tokens"])
+                   pii_redacted=sum(report["pii_redacted"].values()), train_tokens=report["tokens"]["train"]["tokens"],
+                   **{k: v for k, v in (("golden", report["examples_out"].get("golden")),
+                                        ("golden_removed", report["duplicates"].get("golden")),
+                                        ("index_removed", report["duplicates"].get("index"))) if v is not None})
 
 
 class Progress(_Model):
@@ -76,6 +84,8 @@ class Progress(_Model):
     gpu_hours: float | None = Field(None, description="GPU-hours used by this job so far (GPUs x hours, all attempts).")
     mfu: float | None = Field(None, description="Model FLOPs utilization on GPUs: achieved / peak FLOP/s (0-1); "
                               "the FLOPs the step really does (see the README's Training section).")
+    global_batch_size: int | None = Field(None, description="Packed rows per optimizer step (training.globalBatchSize "
+                                          "as resolved; auto: fitted to the data).")
     micro_batch_size: int | None = Field(None, description="Rows per rank per forward pass (training.microBatchSize "
                                          "as resolved; auto: what the probe found).")
     gradient_checkpointing: bool | None = Field(None, description="Whether gradient checkpointing is on.")
@@ -132,7 +142,9 @@ class Status(_Model):
     base_model: str | None = Field(None, description="model.fromJob resolved to that job's output model.")
     prepared: bool | None = Field(None, description="The data is prepared.")
     training_job: str | None = Field(None, description="The current training gang (a Job).")
-    retries: int | None = Field(None, description="Failed training gangs restarted so far.")
+    retries: int | None = Field(None, description="Failed training gangs restarted so far (counted against spec.maxRetries).")
+    preemptions: int | None = Field(None, description="Training gangs restarted after a preemption, eviction or node "
+                                    "drain (not counted against spec.maxRetries).")
     output_model: str | None = Field(None, description="Where the fine-tuned model is.")
     endpoint: str | None = Field(None, description="The OpenAI-compatible endpoint, when served.")
     data_report: DataReport | None = None

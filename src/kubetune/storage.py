@@ -13,23 +13,44 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from kubetune.errors import KubetuneError
+from kubetune.errors import EXIT_INVALID, EXIT_STORAGE, EXIT_TRANSIENT, KubetuneError
 from kubetune.spec import Storage as StorageSpec
 
 # A Secret mounted as a volume: one file per key (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
 CREDENTIALS_DIR_ENV = "KUBETUNE_CREDENTIALS_DIR"
 _MULTIPART_BYTES = 64 * 1024 * 1024
+_STREAM_PART_BYTES = 8 * 1024 * 1024  # open_write's parts: S3's minimum is 5 MiB; one is held per writer
 _RETRIES = 8  # botocore "standard" mode: retries after the first attempt, backoff with jitter up to 20 s apart
 
 
 class StorageError(KubetuneError):
-    """A storage operation failed; the message is one line and safe to show."""
+    """A storage operation failed; the message is one line and safe to show. Of an unknown kind: retried."""
+
+    exit_code = EXIT_TRANSIENT
 
 
 class NotFound(StorageError):
     """Nothing at that location (no such folder, no objects under the prefix): not a failure of storage."""
+
+    exit_code = EXIT_INVALID
+
+
+class BucketMissing(StorageError):
+    """The bucket does not exist: permanent, retrying will not create it."""
+
+    exit_code = EXIT_STORAGE
+
+
+class AccessDenied(StorageError):
+    """Denied, or no valid credentials: permanent until someone fixes the credentials Secret."""
+
+    exit_code = EXIT_STORAGE
+
+
+class Unavailable(StorageError):
+    """Unreachable, timing out or answering 5xx after every retry: transient, worth trying again later."""
 
 
 def is_s3(uri: str) -> bool:
@@ -46,12 +67,23 @@ def join(base: str, *parts: str) -> str:
 
 class Store(Protocol):
     def list(self, uri: str) -> list[str]: ...
+    def list_etags(self, uri: str) -> dict[str, str]: ...
     def read_bytes(self, uri: str) -> bytes: ...
     def write_bytes(self, uri: str, data: bytes) -> None: ...
     def upload(self, local: Path, uri: str) -> None: ...
     def download(self, uri: str, local: Path) -> None: ...
     def exists(self, uri: str) -> bool: ...
     def delete_prefix(self, uri: str) -> None: ...
+    def open_write(self, uri: str) -> "Writer": ...
+    def open_read(self, uri: str) -> BinaryIO: ...
+
+
+class Writer(Protocol):
+    """An object written in order, a chunk at a time: ``close`` makes it appear whole, ``abort`` leaves nothing."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class LocalStore:
@@ -65,6 +97,14 @@ class LocalStore:
         if not files:
             raise NotFound(f"{uri}: folder has no files")
         return files
+
+    def list_etags(self, uri: str) -> dict[str, str]:
+        """Every file under the folder with a version tag (modification time and size): empty when there is none."""
+        try:
+            files = self.list(uri)
+        except NotFound:
+            return {}
+        return {f: f"{(st := Path(f).stat()).st_mtime_ns}-{st.st_size}" for f in files}
 
     def read_bytes(self, uri: str) -> bytes:
         try:
@@ -96,6 +136,35 @@ class LocalStore:
     def delete_prefix(self, uri: str) -> None:
         shutil.rmtree(uri, ignore_errors=True)
 
+    def open_write(self, uri: str) -> Writer:
+        return _LocalWriter(Path(uri))
+
+    def open_read(self, uri: str) -> BinaryIO:
+        try:
+            return open(uri, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+        except OSError as e:
+            raise StorageError(f"{uri}: {e.strerror}") from None
+
+
+class _LocalWriter:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tmp.replace(self.path)  # readers never see a half-written file
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 def _split(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
@@ -125,6 +194,7 @@ class S3Store:
         from botocore.config import Config
 
         spec = spec or StorageSpec()
+        self.secret = spec.credentials_secret or os.environ.get("KUBETUNE_CREDENTIALS_SECRET")
         self.endpoint = spec.endpoint or os.environ.get("AWS_ENDPOINT_URL")
         self.client = boto3.client(
             "s3",
@@ -148,23 +218,24 @@ class S3Store:
             exc = inner
         bucket = uri.removeprefix("s3://").partition("/")[0]
         where = self.endpoint or "AWS"
+        check = (f"check the credentials Secret {self.secret}" if self.secret else
+                 "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or set storage.credentialsSecret")
+        tries = f"unavailable after {_RETRIES + 1} tries"
         if isinstance(exc, NoCredentialsError):
-            return StorageError(f"{uri}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.credentialsSecret)")
+            return AccessDenied(f"access denied to s3://{bucket}: no S3 credentials ({check})")
         if isinstance(exc, (ConnectionError, HTTPClientError)):  # refused, reset, timed out: retried already
-            return StorageError(f"{uri}: cannot reach S3 endpoint {where} ({type(exc).__name__}, "
-                                f"still failing after {_RETRIES} retries)")
+            return Unavailable(f"object storage at {where} {tries} ({type(exc).__name__}; {uri})")
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code == "NoSuchBucket":
-                return StorageError(f"{uri}: bucket '{bucket}' does not exist")
+                return BucketMissing(f"bucket {bucket} does not exist (at {where}; {uri})")
             if code in ("NoSuchKey", "404", "NotFound"):
-                return StorageError(f"{uri}: no such object")
+                return NotFound(f"{uri}: no such object")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidClientTokenId", "403") or status == 403:
-                return StorageError(f"{uri}: access denied ({code or status}); check the storage credentials")
+                return AccessDenied(f"access denied to s3://{bucket} ({code or status}; {check})")
             if isinstance(status, int) and status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
-                return StorageError(f"{uri}: S3 endpoint {where} kept answering {code or status} (HTTP {status}) "
-                                    f"after {_RETRIES} retries")
+                return Unavailable(f"object storage at {where} {tries} (it kept answering {code or status}; {uri})")
             return StorageError(f"{uri}: S3 error {code or status}")
         return StorageError(f"{uri}: {type(exc).__name__}")
 
@@ -182,6 +253,17 @@ class S3Store:
         if not files:
             raise NotFound(f"{uri}: no objects under this prefix")
         return files
+
+    def list_etags(self, uri: str) -> dict[str, str]:
+        """Every object under the prefix with its ETag, from one paginated ListObjectsV2 (no request per object);
+        empty when there is none."""
+        bucket, key = _split(uri)
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            return {f"s3://{bucket}/{o['Key']}": o.get("ETag", "").strip('"') for page in pages
+                    for o in page.get("Contents", []) if not o["Key"].endswith("/")}
+        except Exception as e:
+            raise self._error(uri, e) from None
 
     def read_bytes(self, uri: str) -> bytes:
         buf = io.BytesIO()
@@ -239,6 +321,64 @@ class S3Store:
                     self.client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
         except Exception as e:
             raise self._error(uri, e) from None
+
+    def open_write(self, uri: str) -> Writer:
+        return _S3Writer(self, uri)
+
+    def open_read(self, uri: str) -> BinaryIO:
+        """The object's body as a stream (read(n), close()): the bytes come as they are read."""
+        bucket, key = _split(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"]
+        except Exception as e:
+            raise self._error(uri, e) from None
+
+
+class _S3Writer:
+    """A multipart upload fed in order: each part goes up as soon as it is full, so memory holds one part
+    whatever the object's size; an object smaller than a part is one PUT."""
+
+    def __init__(self, store: S3Store, uri: str):
+        self.store, self.uri = store, uri
+        self.bucket, self.key = _split(uri)
+        self.buffer, self.parts, self.upload_id = bytearray(), [], None
+
+    def _call(self, method: str, **kwargs) -> dict:
+        try:
+            return getattr(self.store.client, method)(Bucket=self.bucket, Key=self.key, **kwargs)
+        except Exception as e:
+            raise self.store._error(self.uri, e) from None
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= _STREAM_PART_BYTES:
+            self._send_part()
+
+    def _send_part(self) -> None:
+        if self.upload_id is None:
+            self.upload_id = self._call("create_multipart_upload")["UploadId"]
+        number = len(self.parts) + 1
+        sent = self._call("upload_part", UploadId=self.upload_id, PartNumber=number, Body=bytes(self.buffer))
+        self.parts.append({"ETag": sent["ETag"], "PartNumber": number})
+        self.buffer.clear()
+
+    def close(self) -> None:
+        if self.upload_id is None:
+            self._call("put_object", Body=bytes(self.buffer))
+            return
+        if self.buffer:
+            self._send_part()
+        self._call("complete_multipart_upload", UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
+
+    def abort(self) -> None:
+        """Drop the parts sent so far (S3 keeps, and bills, an unfinished upload's parts until aborted)."""
+        self.buffer.clear()
+        if self.upload_id is not None:
+            try:
+                self._call("abort_multipart_upload", UploadId=self.upload_id)
+            except StorageError:  # storage failing is why we abort: the parts stay until a lifecycle rule
+                # (AbortIncompleteMultipartUpload) removes them
+                pass
 
 
 def _log_retries(client) -> None:

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -126,7 +127,7 @@ def operator_release(request, s3):
         "enabled": True, "filesUri": "s3://kubetune/api/files/", "outputsUri": "s3://kubetune/api/jobs/",
         "storage": {"endpoint": s3, "credentialsSecret": "s3-credentials"}, "credentialsSecret": "s3-credentials",
         "jobDefaults": {"preprocessing": {"maxSeqLength": 512},
-                        "training": {"maxSteps": 12, "globalBatchSize": 8, "microBatchSize": 4, "learningRate": 3e-3,
+                        "training": {"maxSteps": 12, "microBatchSize": 4, "learningRate": 3e-3,
                                      "evalEvery": 6, "checkpointEvery": 6},
                         "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "900m", "memory": "2Gi"},
                         "evaluation": {"samples": 2, "maxNewTokens": 8},
@@ -134,6 +135,7 @@ def operator_release(request, s3):
     sh("helm", "install", "kubetune", str(ROOT / "charts" / "kubetune"), "-n", RELEASE_NS,
        "-f", str(ROOT / "charts" / "kubetune" / "values-local.yaml"), "-f", str(values),
        "--set", "localS3.enabled=false",  # the MinIO image cannot be pulled here; the test serves S3
+       "--set", "storageCredentialsSecret=s3-credentials",  # the operator's own: schedules poll their new data
        "--wait", "--timeout", "5m")
     yield
     if passed(request):
@@ -160,9 +162,10 @@ def training_pods(ns: str, attempt: int) -> list[dict]:
 
 
 def log_from_step(ns: str, pod: str, step: int) -> str | None:
-    """The pod's log once it shows ``step`` (or later), else None."""
-    text = kubectl("logs", "-n", ns, pod).stdout
-    return text if last_step(text) >= step else None
+    """The pod's log once it shows ``step`` (or later), else None (also while its container is still being created:
+    kubectl logs refuses then)."""
+    run = kubectl("logs", "-n", ns, pod, check=False)
+    return run.stdout if not run.returncode and last_step(run.stdout) >= step else None
 
 
 def last_step(text: str) -> int:
@@ -269,16 +272,11 @@ def test_an_openai_fine_tuning_script_runs_unchanged(s3, namespace, operator_rel
     set: upload, a supervised job, a DPO job on its model (fromJob), events, chat by model name."""
     ns = namespace
     create_credentials(ns)  # what the jobs' pods read (api.storage.credentialsSecret)
-    kubectl("create", "serviceaccount", "team-bot", "-n", ns)
-    kubectl("create", "role", "team-bot", "-n", ns, "--verb=get,list,create,patch", "--resource=finetunejobs")
-    kubectl("create", "rolebinding", "team-bot", "-n", ns, "--role=team-bot", f"--serviceaccount={ns}:team-bot")
-    token = kubectl("create", "token", "team-bot", "-n", ns, "--duration=1h").stdout.strip()
-    kubectl("rollout", "status", "-n", RELEASE_NS, "deployment/kubetune-api", "--timeout=120s")
-    ip = kubectl("get", "service", "kubetune-api", "-n", RELEASE_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    base_url, token = api_access(ns, "team-bot")
     started = time.monotonic()
     run = subprocess.run([sys.executable, str(EXAMPLES / "openai_finetune.py"), "kubetune-tiny",
                           str(EXAMPLES / "data" / "support-chat.jsonl"), "--dpo", str(EXAMPLES / "preference.jsonl")],
-                         env={**env(), "OPENAI_BASE_URL": f"http://{ip}:8080/v1", "OPENAI_API_KEY": token},
+                         env={**env(), "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": token},
                          capture_output=True, text=True, timeout=1500)
     log(f"openai_finetune.py took {time.monotonic() - started:.0f}s:\n{run.stdout[-3000:]}")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -291,6 +289,17 @@ def test_an_openai_fine_tuning_script_runs_unchanged(s3, namespace, operator_rel
     assert "fromJob" in dpo["spec"]["model"] and dpo["status"]["phase"] == "Succeeded"
     assert_no_secret(ns)
     assert token not in "".join(cluster_texts(ns)) + kubectl("logs", "-n", RELEASE_NS, "deployment/kubetune-api").stdout
+
+
+def api_access(ns: str, account: str) -> tuple[str, str]:
+    """kubetune api's URL and a key for it: a ServiceAccount token (audience kubetune) allowed FineTuneJobs in ns."""
+    kubectl("create", "serviceaccount", account, "-n", ns)
+    kubectl("create", "role", account, "-n", ns, "--verb=get,list,create,patch", "--resource=finetunejobs")
+    kubectl("create", "rolebinding", account, "-n", ns, f"--role={account}", f"--serviceaccount={ns}:{account}")
+    token = kubectl("create", "token", account, "-n", ns, "--duration=1h", "--audience", "kubetune").stdout.strip()
+    kubectl("rollout", "status", "-n", RELEASE_NS, "deployment/kubetune-api", "--timeout=120s")
+    ip = kubectl("get", "service", "kubetune-api", "-n", RELEASE_NS, "-o", "jsonpath={.spec.clusterIP}").stdout
+    return f"http://{ip}:8080/v1", token
 
 
 def create_credentials(ns: str) -> None:
@@ -377,3 +386,314 @@ def cluster_texts(ns: str) -> list[str]:
 def assert_no_secret(ns: str) -> None:
     leaks = [t[:200] for t in cluster_texts(ns) if SECRET_KEY in t]
     assert not leaks, leaks
+
+
+def short_conversations(n: int = 30) -> bytes:
+    """A new user's first file: ``n`` short conversations (OpenAI's minimum is 10)."""
+    topics = ["reset my password", "export notes as PDF", "share a notebook", "change the theme", "delete a tag"]
+    return b"".join(json.dumps({"messages": [
+        {"role": "user", "content": f"How do I {topics[i % len(topics)]}? (ticket {i})"},
+        {"role": "assistant", "content": f"Open Settings, then {topics[i % len(topics)].split()[0]}: step {i % 3 + 1}."},
+    ]}).encode() + b"\n" for i in range(n))
+
+
+def small_job(s3_url: str, name: str, data: str, **training) -> dict:
+    """A one-pod CPU job on tiny data; ``training`` as a user would write it (defaults left out)."""
+    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": {
+        "model": {"fromConfig": {"size": "tiny", "vocabSize": 1024}}, "dataset": {"train": data},
+        "preprocessing": {"maxSeqLength": 256}, "training": {"method": "full", "learningRate": 3e-3, **training},
+        "evaluation": {"samples": 2, "maxNewTokens": 8},
+        "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "900m", "memory": "2Gi"},
+        "output": {"uri": f"s3://kubetune/jobs/{name}/"},
+        "storage": {"endpoint": s3_url, "credentialsSecret": "s3-credentials"}}}
+
+
+def bucket(s3_url: str):
+    """An S3 client, with the kubetune bucket there (a test may run alone, without the one that makes it)."""
+    client = boto3.client("s3", endpoint_url=s3_url)
+    if "kubetune" not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket="kubetune")
+    return client
+
+
+def ftj_named(ns: str, name: str) -> dict:
+    return get_json("ftj", name, "-n", ns).get("status") or {}
+
+
+def job_pods(ns: str, job: str) -> list[dict]:
+    return get_json("pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job}")["items"]
+
+
+def test_small_data_a_batch_that_cannot_fit_and_an_eviction(s3, namespace, operator_release):
+    """Issue 21's seams, as a user meets them: 30 conversations train with the batch sizes left to their defaults;
+    a fixed batch bigger than the data fails once, in preparation, with one line naming the numbers; a training pod
+    evicted through the Eviction API (as a drain or preemption does) resumes from its SIGTERM checkpoint without
+    using a retry."""
+    ns = namespace
+    create_credentials(ns)
+    client = bucket(s3)
+    client.put_object(Bucket="kubetune", Key="small/thirty.jsonl", Body=short_conversations(30))
+
+    # A fixed batch that cannot fit: refused by the prepare pod, once, before any training pod starts.
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(small_job(s3, "toobig", "s3://kubetune/small/",
+                                                                     globalBatchSize=64)))
+    status = wait_for(lambda: (lambda s: s if s.get("phase") == "Failed" else None)(ftj_named(ns, "toobig")), 300,
+                      "toobig to fail")
+    assert status["reason"] == "InvalidInput", status
+    assert re.fullmatch(r"the data has \d+ packed training rows, fewer than training.globalBatchSize 64 .*",
+                        status["message"]), status["message"]
+    assert len(job_pods(ns, "toobig-prepare")) == 1 and not job_pods(ns, "toobig-train-0")  # one try, no gang
+    assert status.get("dataReport"), status  # what preparation found is kept
+    log(f"toobig: {status['reason']}: {status['message']}")
+
+    # 30 conversations, batch sizes left to their defaults (auto): trains, and says what it chose.
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(small_job(s3, "thirty", "s3://kubetune/small/", epochs=2)))
+    status = wait_for(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
+        ftj_named(ns, "thirty")), 900, "thirty to finish")
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"]["globalBatchSize"] <= status["dataReport"]["train"], status
+    log(f"thirty: Succeeded; auto batch {status['progress']['globalBatchSize']}, {status['progress']['totalSteps']} steps")
+
+    # An eviction through the Eviction API mid-training: the Job replaces the pod (podFailurePolicy Ignore on
+    # DisruptionTarget), which resumes from the SIGTERM checkpoint; status.retries stays untouched.
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(small_job(
+        s3, "evicted", "s3://kubetune/data/", maxSteps=80, checkpointEvery=1000, evalEvery=1000)))
+    pod = wait_for(lambda: (lambda p: p[0]["metadata"]["name"] if p else None)(job_pods(ns, "evicted-train-0")), 600,
+                   "the training pod")
+    wait_for(lambda: log_from_step(ns, pod, 10), 600, "step 10", interval=0.5)
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": ns}}
+    kubectl("create", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod}/eviction", "-f", "-", input=json.dumps(eviction))
+    log(f"evicted {pod} through the Eviction API")
+    replacement = wait_for(lambda: next((p["metadata"]["name"] for p in job_pods(ns, "evicted-train-0")
+                                         if p["metadata"]["name"] != pod), None), 300, "the replacement pod")
+    status = wait_for(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
+        ftj_named(ns, "evicted")), 900, "evicted to finish")
+    assert status["phase"] == "Succeeded", status
+    assert not status.get("retries") and status["trainingJob"] == "evicted-train-0", status  # no retry used
+    resumed = re.search(r"resuming from the complete checkpoint at step (\d+)", kubectl("logs", "-n", ns, replacement).stdout)
+    assert resumed and int(resumed.group(1)) >= 10, kubectl("logs", "-n", ns, replacement).stdout[-2000:]
+    log(f"evicted at step >= 10; the replacement {replacement} resumed at step {resumed.group(1)}; retries untouched")
+
+
+def preparing_pod(ns: str, job: str, not_in: tuple[str, ...] = ()) -> str | None:
+    """A pod of ``job`` whose preparation is under way (its log says so: its SIGTERM handler is in place)."""
+    for p in job_pods(ns, job):
+        name = p["metadata"]["name"]
+        if name not in not_in and "[prepare] read" in kubectl("logs", "-n", ns, name, check=False).stdout:
+            return name
+    return None
+
+
+def many_conversations(n: int) -> bytes:
+    """Enough data for preparation to take a while (a pod can be evicted in the middle of it)."""
+    return b"".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Question {i}: how do I move notebook {i % 97} into folder {i % 13}?"},
+        {"role": "assistant", "content": f"Open notebook {i % 97}, choose Move, then folder {i % 13} ({i})."},
+    ]}).encode() + b"\n" for i in range(n))
+
+
+def test_preparation_faults_and_thirty_conversations_through_the_api(s3, namespace, operator_release):
+    """The failure matrix's preparation row in real pods: a prepare pod evicted is replaced without counting, one
+    killed is retried by its Job (backoffLimit: spec.maxRetries), and storage that cannot be reached is retried,
+    then named in one line. Meanwhile a new user's 30 conversations train through kubetune api with no
+    hyperparameters at all."""
+    import openai
+
+    ns = namespace
+    create_credentials(ns)
+    client = bucket(s3)
+    client.put_object(Bucket="kubetune", Key="faults/thirty.jsonl", Body=short_conversations(30))
+    client.put_object(Bucket="kubetune", Key="faults-many/many.jsonl", Body=many_conversations(60000))
+
+    # Nothing listens on port 9: each prepare pod tries 9 times and exits 75 (transient); its Job tries twice.
+    unreachable = small_job(f"http://{HOST_IP}:9", "unreachable", "s3://kubetune/faults/")
+    unreachable["spec"].update(maxRetries=1, resources={**unreachable["spec"]["resources"], "prepare": {"cpu": "100m"}})
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(unreachable))
+
+    # 30 conversations through the OpenAI API, no hyperparameters: batch_size auto fits the data.
+    base_url, token = api_access(ns, "newcomer")
+    api = openai.OpenAI(base_url=base_url, api_key=token)
+    file = api.files.create(file=("thirty.jsonl", short_conversations(30)), purpose="fine-tune")
+    api_job = api.fine_tuning.jobs.create(model="kubetune-tiny", training_file=file.id)
+
+    # A prepare pod evicted (not counted), then its replacement deleted (counted: 1 of maxRetries 1).
+    doc = small_job(s3, "prepfaults", "s3://kubetune/faults-many/", maxSteps=2)
+    doc["spec"]["maxRetries"] = 1
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+    first = wait_for(lambda: preparing_pod(ns, "prepfaults-prepare"), 300, "a prepare pod under way", interval=0.3)
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": first, "namespace": ns}}
+    kubectl("create", "--raw", f"/api/v1/namespaces/{ns}/pods/{first}/eviction", "-f", "-", input=json.dumps(eviction))
+    second = wait_for(lambda: preparing_pod(ns, "prepfaults-prepare", (first,)), 300, "the replacement under way",
+                      interval=0.3)
+    kubectl("delete", "pod", "-n", ns, second, "--wait=false")
+    log(f"prepfaults: evicted {first}, then deleted its replacement {second}")
+    status = wait_for(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
+        ftj_named(ns, "prepfaults")), 900, "prepfaults to finish")
+    assert status["phase"] == "Succeeded", status  # an eviction that counted would have exhausted backoffLimit 1
+    prepare = get_json("job", "prepfaults-prepare", "-n", ns)["status"]
+    assert prepare.get("failed") == 1 and not status.get("retries"), (prepare, status)
+    log(f"prepfaults: Succeeded; the prepare Job counted {prepare['failed']} failure (the deletion), not the eviction")
+
+    while (api_job := api.fine_tuning.jobs.retrieve(api_job.id)).status not in ("succeeded", "failed", "cancelled"):
+        time.sleep(3)
+    assert api_job.status == "succeeded", api_job.error
+    assert api_job.hyperparameters.batch_size <= 30, api_job.hyperparameters
+    log(f"thirty through the API: succeeded, batch_size {api_job.hyperparameters.batch_size} (auto), "
+        f"{api_job.trained_tokens} tokens")
+
+    status = wait_for(lambda: (lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None)(
+        ftj_named(ns, "unreachable")), 600, "unreachable to fail")
+    assert status["phase"] == "Failed" and status["reason"] == "PreparationFailed", status
+    assert re.fullmatch(rf"object storage at http://{re.escape(HOST_IP)}:9 unavailable after 9 tries .*",
+                        status["message"]), status["message"]
+    assert len(job_pods(ns, "unreachable-prepare")) == 2, job_pods(ns, "unreachable-prepare")  # 1 + maxRetries 1
+    log(f"unreachable: {status['reason']}: {status['message']}")
+
+
+class Pinger(threading.Thread):
+    """A client that sends chat requests without pause and without retries, counting what succeeds and fails."""
+
+    def __init__(self, base_url: str, model: str):
+        import openai
+
+        super().__init__(daemon=True)
+        self.client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        self.model, self.ok, self.failed, self.errors = model, 0, 0, []
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                self.client.chat.completions.create(model=self.model, max_tokens=4,
+                                                    messages=[{"role": "user", "content": "How do I share a notebook?"}])
+                self.ok += 1
+            except Exception as e:  # noqa: BLE001 - every failed request counts, whatever its kind
+                self.failed += 1
+                self.errors.append(f"{type(e).__name__}: {e}"[:200])
+
+    def stop(self) -> "Pinger":
+        self.stopping.set()
+        self.join(90)
+        return self
+
+
+def put_lines(client, key: str, rows: list[dict]) -> None:
+    client.put_object(Bucket="kubetune", Key=key, Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def poisoned(rows: list[dict]) -> list[dict]:
+    """Poisoned data: the replies shuffled between conversations."""
+    replies = [m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant"]
+    replies = replies[7:] + replies[:7]
+    return [{**r, "messages": [{**m, "content": replies.pop()} if m["role"] == "assistant" else m
+                               for m in r["messages"]]} for r in rows]
+
+
+def schedule_status(ns: str, name: str) -> dict:
+    return get_json("fts", name, "-n", ns).get("status") or {}
+
+
+def switch_under_load(ns: str, base_url: str, change, until, served: int, what: str) -> Pinger:
+    """Run ``change``, wait for ``until(status)`` and for revision ``served`` to be served with its rollout over,
+    a client sending requests the whole time; the client, stopped."""
+    pinger = Pinger(base_url, "bot")
+    pinger.start()
+    started = time.monotonic()
+    change()
+    status = wait_for(lambda: (lambda st: st if until(st) else None)(schedule_status(ns, "bot")), 1200, what, interval=2)
+    assert status.get("servedRevision") == served, status
+    kubectl("rollout", "status", "deployment/bot-serve", "-n", ns, "--timeout=600s", timeout=660)
+    time.sleep(3)  # and a few requests more on the new pods alone
+    pinger.stop()
+    log(f"{what}: {pinger.ok} requests succeeded, {pinger.failed} failed while the endpoint switched to revision "
+        f"{served} ({time.monotonic() - started:.0f}s)")
+    return pinger
+
+
+def test_a_schedule_keeps_the_model_up_to_date(s3, namespace, operator_release):
+    """Issue 22's loop, as a team runs it: new data starts a run, which is promoted when it beats the served
+    model on the golden set; the stable endpoint switches with no failed request; feedback from the chat
+    endpoint becomes training data; poisoned data is refused; a rollback; deleting the schedule keeps the data."""
+    import httpx2
+
+    ns = namespace
+    create_credentials(ns)
+    kubectl("delete", "ftj", "--all", "-n", ns, "--timeout=120s")  # the earlier tests' endpoints: CPU for these runs
+    client = bucket(s3)
+    chats = [json.loads(line) for line in (EXAMPLES / "data" / "support-chat.jsonl").read_text().splitlines()]
+    put_lines(client, "loop/golden.jsonl", chats[:12])
+    put_lines(client, "loop/data/first.jsonl", chats[12:112])
+    template = small_job(s3, "bot", "s3://kubetune/loop/data/", maxSteps=20)["spec"]
+    template["output"] = {"uri": "s3://kubetune/loop/models/"}
+    template["resources"]["prepare"] = {"cpu": "500m"}
+    schedule = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneSchedule", "metadata": {"name": "bot"}, "spec": {
+        "trigger": {"newData": {"uri": "s3://kubetune/loop/data/", "minExamples": 20, "pollSeconds": 30}},
+        "replayFraction": 0.2, "promotion": {"metric": "valid_loss", "minDelta": 0.05,
+                                             "goldenSet": "s3://kubetune/loop/golden.jsonl"},
+        "serve": {"cpu": "200m", "memory": "1Gi", "capture": {"uri": "s3://kubetune/loop/captured/"}},
+        "jobTemplate": template}}
+    applied = time.monotonic()
+    kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(schedule))
+
+    # 1. The first data starts run 1; it is promoted, and the stable Service serves it as model "bot".
+    wait_for(lambda: schedule_status(ns, "bot").get("servedRevision") == 1, 900, "revision 1 served", interval=2)
+    kubectl("rollout", "status", "deployment/bot-serve", "-n", ns, "--timeout=600s", timeout=660)
+    log(f"run 1 promoted and served {time.monotonic() - applied:.0f}s after kubectl apply")
+    ip = kubectl("get", "service", "bot-serve", "-n", ns, "-o", "jsonpath={.spec.clusterIP}").stdout
+    base_url = f"http://{ip}:8000/v1"
+    import openai
+    chat = openai.OpenAI(base_url=base_url, api_key="unused")
+    replies = [chat.chat.completions.create(model="bot", max_tokens=8, messages=[{"role": "user", "content": text}])
+               for text in (f"My email is {PII[0]}, how do I export notes?", f"Call me on {PII[1]} about billing",
+                            "How do I delete a tag?")]
+    assert all(r.model == "bot" for r in replies)
+
+    # 2. Feedback (up, corrected, down) and new data: run 2 continues from run 1 and is promoted under load.
+    for reply, rating in zip(replies, ({"rating": "up"}, {"rating": "down", "correction": "Open Settings, then Billing."},
+                                       {"rating": "down"})):
+        answer = httpx2.post(f"{base_url}/feedback", json={"completion_id": reply.id, **rating}, timeout=30)
+        assert answer.status_code == 200, answer.text
+    feedback = wait_for(lambda: client.list_objects_v2(Bucket="kubetune", Prefix="loop/data/feedback/").get("Contents"),
+                        120, "the feedback under the new-data prefix")
+    put_lines(client, "loop/data/second.jsonl", chats[112:212])
+    pinger = switch_under_load(ns, base_url, lambda: None, lambda st: (st.get("lastResult") or {}).get("run") == "bot-r2",
+                               2, "run 2 promoted")
+    assert pinger.failed == 0 and pinger.ok > 10, pinger.errors[:5]
+    run2 = get_json("ftj", "bot-r2", "-n", ns)
+    assert run2["spec"]["model"] == {"fromJob": "bot-r1"}, run2["spec"]["model"]
+    manifest = json.loads(client.get_object(Bucket="kubetune", Key="loop/models/bot-r2/data.manifest.json")["Body"].read())
+    assert {o["Key"] for o in feedback} <= {f["uri"].removeprefix("s3://kubetune/") for f in manifest["files"]}, manifest
+    revision = schedule_status(ns, "bot")["revisions"][-1]
+    assert revision["metrics"]["golden_valid_loss"] < revision["metrics"]["served_golden_valid_loss"], revision
+
+    # 3. Poisoned data, with the bar raised (a template edit reaches the next run): run 3 fails the golden-set gate,
+    # the endpoint stays on run 2, and an Event says why. (Shuffled replies alone still lower a tiny model's golden
+    # loss by about as much as clean data does: at this size only the bar refuses them; see the README.)
+    kubectl("patch", "fts", "bot", "-n", ns, "--type=merge", "-p", json.dumps({"spec": {"promotion": {"minDelta": 2.0}}}))
+    put_lines(client, "loop/data/third.jsonl", poisoned(chats[212:312]))
+    result = wait_for(lambda: (lambda r: r if r and r["run"] == "bot-r3" else None)(
+        schedule_status(ns, "bot").get("lastResult")), 1200, "run 3 judged", interval=2)
+    assert result["result"] == "GateFailed" and schedule_status(ns, "bot")["servedRevision"] == 2, result
+    events = get_json("events", "-n", ns, "--field-selector", "involvedObject.name=bot")["items"]
+    assert any(e["reason"] == "NotPromoted" and "bot-r3" in e["message"] for e in events), [e["message"] for e in events]
+    log(f"run 3 (poisoned) not promoted: {result['message']}; "
+        f"data: {get_json('ftj', 'bot-r3', '-n', ns)['status']['dataReport']}")
+
+    # 4. kubetune rollback to revision 1, again under load.
+    pinger = switch_under_load(ns, base_url, lambda: sh(sys.executable, "-m", "kubetune.cli", "rollback", "bot", "--to",
+                                                        "1", "-n", ns),
+                               lambda st: st.get("servedRevision") == 1, 1, "rollback to revision 1")
+    assert pinger.failed == 0 and pinger.ok > 5, pinger.errors[:5]
+
+    # No planted personal data in what the endpoint captured or passed on as training data.
+    keys = [o["Key"] for prefix in ("loop/captured/", "loop/data/feedback/")
+            for o in client.list_objects_v2(Bucket="kubetune", Prefix=prefix).get("Contents", [])]
+    captured = "".join(client.get_object(Bucket="kubetune", Key=k)["Body"].read().decode() for k in keys)
+    assert "export notes" in captured and not [v for v in PII if v in captured], keys
+
+    # 5. Deleting the schedule removes its runs and endpoint; the data and the models stay.
+    kubectl("delete", "fts", "bot", "-n", ns, "--timeout=120s")
+    wait_for(lambda: not get_json("ftj,deployment", "-n", ns, "-l", "kubetune.dev/schedule=bot")["items"], 180,
+             "the schedule's children gone")
+    models = client.list_objects_v2(Bucket="kubetune", Prefix="loop/models/bot-r1/model/").get("KeyCount", 0)
+    assert models > 0 and client.list_objects_v2(Bucket="kubetune", Prefix="loop/data/")["KeyCount"] >= 4

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import calendar
 import copy
+import csv
+import io
 import json
 import re
 import secrets
@@ -38,6 +40,7 @@ class ApiSettings:
     job_defaults: dict = field(default_factory=dict)  # a partial spec under every job (resources, serve...)
     models: dict = field(default_factory=dict)  # model name → spec.model, beside BUILTIN_MODELS
     default_namespace: str = "default"
+    audiences: list = field(default_factory=lambda: ["kubetune"])  # callers' tokens must be made for one of these
 
 
 def load_settings(path: str | None, **overrides) -> ApiSettings:
@@ -46,7 +49,7 @@ def load_settings(path: str | None, **overrides) -> ApiSettings:
 
     doc = yaml.safe_load(open(path, encoding="utf-8")) if path else {}
     keys = {"filesUri": "files_uri", "outputsUri": "outputs_uri", "storage": "storage", "jobDefaults": "job_defaults",
-            "models": "models", "defaultNamespace": "default_namespace"}
+            "models": "models", "defaultNamespace": "default_namespace", "audiences": "audiences"}
     unknown = sorted(set(doc or {}) - set(keys))
     if unknown:
         raise ValueError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(keys)})")
@@ -135,8 +138,9 @@ def _number(value: object, key: str, param: str) -> float | int | None:
     return value
 
 
-def method_and_hyperparameters(body: dict) -> tuple[str, dict]:
-    """The method type and its hyperparameters (method's own override the deprecated top-level ones)."""
+def method_and_hyperparameters(body: dict) -> tuple[str, dict, dict]:
+    """The method type, its hyperparameters (method's own override the deprecated top-level ones) and the
+    parameter each came from, for errors."""
     method = body.get("method") or {"type": "supervised"}
     if not isinstance(method, dict) or method.get("type") not in ("supervised", "dpo"):
         raise bad("method.type must be 'supervised' or 'dpo'", "method.type")
@@ -147,10 +151,11 @@ def method_and_hyperparameters(body: dict) -> tuple[str, dict]:
         raise bad("hyperparameters must be an object", "hyperparameters")
     allowed = {"n_epochs", "batch_size", "learning_rate_multiplier"} | ({"beta"} if kind == "dpo" else set())
     merged = {**top, **inner}
+    params = {k: f"method.{kind}.hyperparameters.{k}" if k in inner else f"hyperparameters.{k}" for k in allowed}
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise bad(f"unknown hyperparameter {unknown[0]!r} for method {kind}", f"hyperparameters.{unknown[0]}")
-    return kind, {k: _number(merged.get(k), k, f"hyperparameters.{k}") for k in sorted(allowed)}
+    return kind, {k: _number(merged.get(k), k, params[k]) for k in sorted(allowed)}, params
 
 
 def _metadata(value: object) -> dict:
@@ -178,9 +183,14 @@ def job_document(body: dict, name: str, namespace: str, files: dict[str, dict], 
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
         raise bad("seed must be an integer from 0 to 2147483647", "seed")
-    kind, hp = method_and_hyperparameters(body)
+    kind, hp, params = method_and_hyperparameters(body)
     model = resolve_model(body.get("model"), namespace, settings)
     dataset = {"train": _file_uri(files, body.get("training_file"), "training_file", kind)}
+    examples = files[body["training_file"]]["kinds"]["preference" if kind == "dpo" else "chat"]
+    if hp["batch_size"] is not None and hp["batch_size"] > examples:  # packing makes at most a row per example
+        raise bad(f"batch_size {hp['batch_size']} is larger than the {examples} examples of training_file "
+                  f"{body['training_file']}: no batch that size can be filled; use fewer or 'auto'",
+                  params["batch_size"], "invalid_batch_size")
     if body.get("validation_file") is not None:
         dataset["validation"] = _file_uri(files, body["validation_file"], "validation_file", kind)
 
@@ -258,13 +268,15 @@ def job_object(ftj: dict) -> dict:
     state, name = openai_status(ftj), meta["name"]
     model = a.get("model") or _model_label(spec.get("model", {}))
     lr = training.get("learningRate")
-    hp = {"n_epochs": training.get("epochs", 3), "batch_size": training.get("globalBatchSize", 32),
+    progress, report = status.get("progress") or {}, status.get("dataReport") or {}
+    # "auto" until the trainer has fitted it to the data and written it to status
+    batch = progress.get("globalBatchSize") or training.get("globalBatchSize") or "auto"
+    hp = {"n_epochs": training.get("epochs", 3), "batch_size": batch,
           "learning_rate_multiplier": round(lr / DEFAULT_LR[training.get("method", "lora")], 6) if lr else 1.0}
     kind = "dpo" if training.get("objective") == "dpo" else "supervised"
     method_hp = dict(hp)
     if kind == "dpo":
         method_hp["beta"] = (training.get("dpo") or {}).get("beta", 0.1)
-    progress, report = status.get("progress") or {}, status.get("dataReport") or {}
     tokens = report.get("trainTokens")
     trained = int(tokens * min(progress.get("epoch", 0), hp["n_epochs"])) if tokens and progress else None
     eta = progress.get("etaSeconds")
@@ -280,11 +292,47 @@ def job_object(ftj: dict) -> dict:
         "hyperparameters": hp, "method": {"type": kind, kind: {"hyperparameters": method_hp}},
         "training_file": a.get("training_file") or spec.get("dataset", {}).get("train"),
         "validation_file": a.get("validation_file") or spec.get("dataset", {}).get("validation"),
-        "result_files": [], "trained_tokens": trained, "seed": training.get("seed", 42),
+        "result_files": [result_file_id(name)] if state == "succeeded" else [], "trained_tokens": trained, "seed": training.get("seed", 42),
         "estimated_finish": (timestamp(progress.get("updatedAt")) or int(time.time())) + eta
         if state == "running" and eta else None,
         "integrations": [], "metadata": a.get("metadata") or None, "user_provided_suffix": a.get("suffix"),
     }
+
+
+# --- a job's results file -----------------------------------------------------------------------
+# OpenAI lists a succeeded job's per-step metrics as a file (purpose fine-tune-results). Here it is no stored
+# file: its id names the job, and it is made from the job's metrics.csv whenever it is read, so nothing has
+# to notice the job finishing, and deleting the job's output is deleting it. GET /v1/files does not list it.
+
+RESULTS_PREFIX = "file-results-"
+JOB_NAME = re.compile(r"^[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
+RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]  # OpenAI's
+
+
+def result_file_id(job: str) -> str:
+    return RESULTS_PREFIX + job
+
+
+def results_job(file_id: str) -> str | None:
+    """The job whose results file ``file_id`` names, or None for other files."""
+    job = file_id.removeprefix(RESULTS_PREFIX)
+    return job if file_id.startswith(RESULTS_PREFIX) and JOB_NAME.match(job) else None
+
+
+def results_csv(metric_rows: list[dict]) -> bytes:
+    """OpenAI's step_metrics.csv from the rows of the trainer's metrics.csv (a row lacking a value: empty)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row.get(k) or "" for k in RESULT_COLUMNS} for row in metric_rows)
+    return out.getvalue().encode()
+
+
+def results_file(ftj: dict, content: bytes) -> dict:
+    job = job_object(ftj)
+    return {"id": result_file_id(job["id"]), "object": "file", "bytes": len(content),
+            "created_at": job["finished_at"] or job["created_at"], "filename": "step_metrics.csv",
+            "purpose": "fine-tune-results", "status": "processed", "status_details": None, "expires_at": None}
 
 
 def _model_label(model: dict) -> str:

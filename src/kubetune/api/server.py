@@ -8,10 +8,11 @@
     GET  /v1/models             the project's served fine-tuned models
     GET  /healthz
 
-Every request needs ``Authorization: Bearer TOKEN`` (the OpenAI client's api_key): a Kubernetes token,
-checked with TokenReview. The namespace is the ``OpenAI-Project`` header (the client's ``project=``),
-else a ServiceAccount's own namespace, else the configured default; each action is checked with a
-SubjectAccessReview on ``finetunejobs`` there.
+Every request needs ``Authorization: Bearer TOKEN`` (the OpenAI client's api_key): a Kubernetes token
+made for this server's audience (``kubectl create token SA --audience kubetune``), checked with TokenReview.
+The namespace is the ``OpenAI-Project`` header (the client's ``project=``), else a ServiceAccount's own
+namespace, else the configured default; each action is checked with a SubjectAccessReview on ``finetunejobs``
+there. Reviews are cached and capped (access.py).
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ import time
 from aiohttp import ClientConnectorError, ClientResponse, ClientSession, ClientTimeout, web
 
 from kubetune.api import jobs as J
-from kubetune.api.access import Access
+from kubetune.api.access import Access, Limits
 from kubetune.api.files import FileStore, public
 from kubetune.openai_errors import RequestError, error_response, middleware
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, Storage
-from kubetune.storage import StorageError, join, store_for
+from kubetune.storage import AccessDenied, BucketMissing, NotFound, StorageError, Unavailable, join, store_for
 
 NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_UPLOAD = 512 * 1024 * 1024  # OpenAI's limit for one file
+FORM_OVERHEAD = 1024 * 1024  # a multipart body is the file plus boundaries, headers and the purpose field
+CHUNK = 1024 * 1024  # uploads and downloads pass through a MiB at a time
+RETRY_AFTER = 30  # seconds: storage that gave up after its retries (about a minute of backoff) gets a pause
 MODEL_START_TIMEOUT = 300  # seconds a chat request waits for a just-served model to come up
 
 
@@ -47,9 +51,25 @@ async def kube_and_storage_errors(request: web.Request, handler):
         print(f"{request.method} {request.path}: Kubernetes API {e.status} {e.reason}", file=sys.stderr, flush=True)
         return error_response(e.status if 400 <= e.status < 500 else 502, f"Kubernetes API: {e.reason}",
                               "invalid_request_error" if e.status < 500 else "server_error")
-    except StorageError as e:
-        print(f"{request.method} {request.path}: storage: {type(e).__name__}", file=sys.stderr, flush=True)
-        return error_response(502, "object storage is unavailable; retry later", "server_error")
+    except StorageError as e:  # its message is one line without credentials: safe to log and to show
+        print(f"{request.method} {request.path}: storage: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        status, message, code = storage_error(e)
+        return error_response(status, message, "invalid_request_error" if status < 500 else "server_error",
+                              code=code, headers={"Retry-After": str(RETRY_AFTER)} if status == 503 else None)
+
+
+def storage_error(e: StorageError) -> tuple[int, str, str | None]:
+    """Status, message and code of a storage failure. The buckets are the server's own (filesUri, outputsUri):
+    a missing bucket or refused credentials is the server's configuration, which no retry mends (500);
+    storage that stopped answering may come back (503 and Retry-After, which the openai client honours)."""
+    if isinstance(e, NotFound):
+        return 404, f"not found in object storage: {e}", "not_found"
+    if isinstance(e, Unavailable):
+        return 503, f"{e}; retry later", "storage_unavailable"
+    if isinstance(e, (BucketMissing, AccessDenied)):
+        return 500, (f"the server's object storage is misconfigured, not a transient error (its administrator must "
+                     f"fix it): {e}"), "storage_misconfigured"
+    return 502, f"object storage failed: {e}", "storage_error"
 
 
 class Api:
@@ -65,14 +85,11 @@ class Api:
         """The namespace the caller acts in, once they may ``verb`` finetunejobs there."""
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        user = await asyncio.to_thread(self.access.user, token) if token else None
-        if user is None:
-            raise RequestError(401, "Incorrect API key provided: use a Kubernetes token (a ServiceAccount's or "
-                               "your own)", code="invalid_api_key")
+        user = await self.access.user(token)  # 401 for a bad or missing key, 429 over the review cap
         namespace = request.headers.get("OpenAI-Project") or user.home_namespace or self.settings.default_namespace
         if not NAMESPACE.match(namespace) or len(namespace) > 63:
             raise RequestError(400, "OpenAI-Project must be a Kubernetes namespace name", "project")
-        if not await asyncio.to_thread(self.access.allowed, user, verb, namespace):
+        if not await self.access.allowed(user, verb, namespace):
             raise RequestError(403, f"You may not {verb} fine-tuning jobs in project (namespace) {namespace!r}",
                                code="insufficient_permissions", kind="permission_error")
         return namespace
@@ -109,34 +126,61 @@ class Api:
             return []
         try:
             raw = store_for(output, self.storage).read_bytes(join(output, "metrics.csv"))
-        except StorageError:  # not written yet (or gone): the events have no metrics yet
+        except NotFound:  # not written yet (or gone): no metrics yet; storage failing is an error to report
             return []
         return list(csv.DictReader(io.StringIO(raw.decode())))
 
     def _file(self, namespace: str, file_id: str) -> dict:
         record = self.files.get(namespace, file_id)
         if record is None:
-            raise RequestError(404, f"No such File object: {file_id}", "id", "not_found")
+            raise _no_file(file_id)
         return record
+
+    def _results(self, namespace: str, file_id: str) -> tuple[dict, bytes] | None:
+        """A succeeded job's results file (jobs.py says why it is made on the fly): its object and bytes."""
+        job = J.results_job(file_id)
+        if job is None:
+            return None
+        ftj = self.kube.get_ftj(namespace, job)
+        if ftj is None or J.openai_status(ftj) != "succeeded":
+            raise _no_file(file_id)
+        content = J.results_csv(self._metric_rows(ftj))
+        return J.results_file(ftj, content), content
 
     # --- files -------------------------------------------------------------------------------
 
     async def upload(self, request: web.Request) -> web.Response:
         namespace = await self.caller(request, "create")
-        fields: dict = {}
+        if (request.content_length or 0) > MAX_UPLOAD + FORM_OVERHEAD:
+            raise _too_large()
+        purpose, record = None, None
         reader = await request.multipart()
         async for part in reader:
-            if part.name == "file":
-                fields["filename"] = part.filename or "upload.jsonl"
-                fields["file"] = await part.read(decode=False)
-            elif part.name:
-                fields[part.name] = await part.text()
-        if "file" not in fields:
+            if part.name == "purpose":
+                purpose = await part.text()
+            elif part.name == "file" and record is None:
+                if purpose not in (None, "fine-tune"):  # refused before a byte is stored
+                    raise _wrong_purpose()
+                record = await self._receive(namespace, part)
+        if record is None:
             raise RequestError(400, "file is required (multipart/form-data)", "file")
-        if fields.get("purpose") != "fine-tune":
-            raise RequestError(400, "purpose must be 'fine-tune': this server keeps training files only", "purpose")
-        record = await asyncio.to_thread(self.files.create, namespace, fields["filename"], "fine-tune", fields["file"])
+        if purpose != "fine-tune":  # the purpose came after the file, or not at all
+            await asyncio.to_thread(self.files.delete, namespace, record["id"])
+            raise _wrong_purpose()
         return web.json_response(public(record))
+
+    async def _receive(self, namespace: str, part) -> dict:
+        """The file part, validated and sent to the bucket as it arrives (never whole in memory)."""
+        upload = await asyncio.to_thread(self.files.begin, namespace, part.filename or "upload.jsonl", "fine-tune")
+        try:
+            while chunk := await part.read_chunk(CHUNK):
+                if upload.size + len(chunk) > MAX_UPLOAD:
+                    raise _too_large()
+                await asyncio.to_thread(upload.write, chunk)
+            return await asyncio.to_thread(upload.finish)
+        except BaseException:  # the caller went away, too large, storage failed: no half file stays
+            await asyncio.shield(asyncio.to_thread(upload.abort))
+            raise
 
     async def list_files(self, request: web.Request) -> web.Response:
         namespace = await self.caller(request, "list")
@@ -146,13 +190,33 @@ class Api:
 
     async def get_file(self, request: web.Request) -> web.Response:
         namespace = await self.caller(request, "get")
+        results = await asyncio.to_thread(self._results, namespace, request.match_info["id"])
+        if results:
+            return web.json_response(results[0])
         return web.json_response(public(await asyncio.to_thread(self._file, namespace, request.match_info["id"])))
 
-    async def file_content(self, request: web.Request) -> web.Response:
+    async def file_content(self, request: web.Request) -> web.StreamResponse:
         namespace = await self.caller(request, "get")
+        results = await asyncio.to_thread(self._results, namespace, request.match_info["id"])
+        if results:
+            return web.Response(body=results[1], content_type="text/csv")
         record = await asyncio.to_thread(self._file, namespace, request.match_info["id"])
         body = await asyncio.to_thread(self.files.content, record)
-        return web.Response(body=body, content_type="application/octet-stream")
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = record["bytes"]
+        try:
+            await response.prepare(request)
+            while chunk := await asyncio.to_thread(body.read, CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+        except Exception as e:  # the status is sent: a cut connection (short of Content-Length) tells the client
+            print(f"{request.method} {request.path}: stopped after the headers: {type(e).__name__}", file=sys.stderr,
+                  flush=True)
+            if request.transport:
+                request.transport.close()
+        finally:
+            body.close()
+        return response
 
     async def delete_file(self, request: web.Request) -> web.Response:
         namespace = await self.caller(request, "delete")
@@ -275,6 +339,19 @@ async def _connect(session: ClientSession, url: str, body: dict, model: str) -> 
             delay = min(2 * delay, 10.0)
 
 
+def _no_file(file_id: str) -> RequestError:
+    return RequestError(404, f"No such File object: {file_id}", "id", "not_found")
+
+
+def _too_large() -> RequestError:
+    return RequestError(413, f"file is larger than {MAX_UPLOAD // 2**20} MiB, the most one upload may be", "file",
+                         "file_too_large")
+
+
+def _wrong_purpose() -> RequestError:
+    return RequestError(400, "purpose must be 'fine-tune': this server keeps training files only", "purpose")
+
+
 async def _json(request: web.Request) -> object:
     try:
         return await request.json()
@@ -282,12 +359,13 @@ async def _json(request: web.Request) -> object:
         raise RequestError(400, "the request body is not valid JSON") from None
 
 
-def make_app(settings: J.ApiSettings, kube=None, access: Access | None = None) -> web.Application:
+def make_app(settings: J.ApiSettings, kube=None, access: Access | None = None,
+             limits: Limits = Limits()) -> web.Application:
     if kube is None:
         from kubetune.operator.kube import Kube
 
         kube = Kube()
-    api = Api(settings, kube, access or Access(kube))
+    api = Api(settings, kube, access or Access(kube, tuple(settings.audiences), limits))
     app = web.Application(middlewares=[middleware("internal error"), kube_and_storage_errors],
                           client_max_size=MAX_UPLOAD)
 
@@ -314,6 +392,22 @@ def make_app(settings: J.ApiSettings, kube=None, access: Access | None = None) -
     return app
 
 
-def serve_api(settings: J.ApiSettings, host: str, port: int) -> None:
-    print(f"kubetune api on http://{host}:{port}/v1 (files in {settings.files_uri})", flush=True)
-    web.run_app(make_app(settings), host=host, port=port, print=None)
+def serve_api(settings: J.ApiSettings, host: str, port: int, limits: Limits = Limits(),
+              tls: tuple[str, str] | None = None) -> None:
+    """Serve until stopped; with ``tls`` (certificate and key files) HTTPS only, no plain HTTP."""
+    scheme = "https" if tls else "http"
+    print(f"kubetune api on {scheme}://{host}:{port}/v1 (files in {settings.files_uri})", flush=True)
+    web.run_app(make_app(settings, limits=limits), host=host, port=port, ssl_context=tls_context(*tls) if tls else None,
+                print=None)
+
+
+def tls_context(cert: str, key: str):
+    """A server TLS context from PEM files (a kubernetes.io/tls Secret's tls.crt and tls.key)."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:  # ssl's own text names neither file
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: {e.strerror or e}") from None
+    return context

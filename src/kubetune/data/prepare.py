@@ -44,16 +44,19 @@ import numpy as np
 import orjson
 
 from kubetune.data.dedup import Dedup, NearDedup
+from kubetune.data.exclusions import Exclusions
 from kubetune.data.parallel import cpus, ordered_map
 from kubetune.data.readers import BadLine, is_data_file, iter_file
 from kubetune.data.records import Cleaned, Cleaner, text_of
 from kubetune.data.shards import ShardWriter, Tokenizing
+from kubetune import newdata
 from kubetune.errors import KubetuneError
 from kubetune.models import load_tokenizer
 from kubetune.spec import FineTuneJob
-from kubetune.storage import Mirror, is_s3, join, store_for
+from kubetune.storage import Mirror, NotFound, Store, is_s3, join, store_for
 
 MAX_LISTED_BAD_LINES = 100
+REPLAY = "replay"  # the split of replayed records: trained on, like train, but not checked against the dedup index
 TOKENIZER_CHARS_PER_TOKEN = 8  # generous: byte-level BPE tokens average 2-4 characters
 TOKENIZER_TRAINING_CHARS = 10_000_000
 CHUNK = 2000  # records per task of the first pass
@@ -77,6 +80,8 @@ class Report:
     input_lines: int = 0
     inputs: list[dict] = field(default_factory=list)  # each input file: uri, sha256, bytes (lineage)
     duplicates: dict = field(default_factory=lambda: {"exact": 0, "near": 0})
+    replayed: int = 0  # records taken from a data manifest's replay files
+    manifest: dict | None = None  # a data manifest's summary (dataset.train names one)
 
     def bad(self, line: BadLine) -> None:
         reason = line.reason.split(":")[0].split(" (")[0]
@@ -97,8 +102,10 @@ class Report:
 class Input:
     uri: str
     path: Path  # the local file (downloaded first when remote)
-    split: str | None  # "validation" for the validation file's records
+    split: str | None  # "validation" for the validation file's records, "golden" for evaluation.goldenSet's,
+    # REPLAY for a data manifest's replay files (training data the dedup index holds already)
     size: int
+    keep: frozenset[int] | None = None  # a replay file's records to take (their ordinals); None: all
 
 
 @dataclass
@@ -109,11 +116,14 @@ class Kept:
     validation: np.ndarray  # bool per example
     count: int
     line_numbers: np.ndarray  # each example's line in its input file (for benchmarks and debugging)
+    golden: np.ndarray | None = None  # bool per example: evaluation.goldenSet's (a split of its own)
 
-    def lines(self) -> Iterator[tuple[bool, bytes]]:
+    def lines(self) -> Iterator[tuple[str, bytes]]:
+        """Each example's split (train, validation or golden) and line."""
+        golden = self.golden if self.golden is not None else np.zeros(len(self.validation), bool)
         with open(self.path, "rb") as f:
-            for is_validation, line in zip(self.validation.tolist(), f):
-                yield is_validation, line.rstrip(b"\n")
+            for is_validation, is_golden, line in zip(self.validation.tolist(), golden.tolist(), f):
+                yield "golden" if is_golden else ("validation" if is_validation else "train"), line.rstrip(b"\n")
 
 
 def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
@@ -125,8 +135,11 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
         scratch = Path(tmp)
         inputs = locate_inputs(job, scratch, report)
         workers = _workers(sum(i.size for i in inputs))
-        kept = clean_and_dedup(job, inputs, scratch, report, workers, log)
+        exclusions = Exclusions(job)
+        kept = clean_and_dedup(job, inputs, scratch, report, workers, log, exclusions)
         _check_bad_fraction(report, sum(report.bad_by_reason.values()), spec.dataset.max_bad_fraction)
+        if spec.evaluation.golden_set and not kept.golden.any():
+            raise PrepareError(f"evaluation.goldenSet: no examples left after cleaning (dropped: {_reasons(report.dropped)})")
         if not kept.count:
             raise PrepareError(f"no examples left after cleaning and dedup (dropped: {_reasons(report.dropped)})")
         tokenizer = load_tokenizer(job, texts=_tokenizer_texts(kept, TOKENIZER_CHARS_PER_TOKEN * pre.max_seq_length))
@@ -138,9 +151,10 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
         if not tokens["train"]["rows"]:
             raise PrepareError(f"no training examples left after tokenization (dropped: {_reasons(report.dropped)})")
         log(f"[prepare] tokenized and packed ({_elapsed(started)})")
+        trained = ~kept.validation & ~kept.golden
         data_report = {
             "examples_in": report.examples_in,
-            "examples_out": {"train": tokens["train"]["examples"], "validation": tokens["validation"]["examples"]},
+            "examples_out": {name: t["examples"] for name, t in tokens.items()},
             "bad_lines": {"total": sum(report.bad_by_reason.values()), "by_reason": dict(report.bad_by_reason),
                           "input_lines": report.input_lines, "first": report.bad_lines},
             "dropped": dict(report.dropped),
@@ -149,10 +163,13 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
             "tokens": {name: {k: v for k, v in t.items() if k != "files"} for name, t in tokens.items()},
             "skipped_files": report.skipped_files,
             "inputs": report.inputs,
+            "replayed": report.replayed,
+            **({"manifest": report.manifest} if report.manifest else {}),
             "max_seq_length": pre.max_seq_length,
             "packing": pre.packing,
             "objective": spec.training.objective,
             "seconds": round(time.monotonic() - started, 2),
+            **({"dedup_index": exclusions.describe(trained)} if exclusions.stored else {}),
         }
         meta = {"max_seq_length": pre.max_seq_length, "packing": pre.packing, "tokenizer": "tokenizer",
                 "vocab_size": len(tokenizer), "objective": spec.training.objective,
@@ -161,40 +178,74 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
         tokenizer.save_pretrained(out.path / "tokenizer")
         (out.path / "data_report.json").write_text(json.dumps(data_report, indent=2))
         out.publish()
+        # Only once the prepared data is out: a failed preparation must not mark its examples as trained on.
+        index = exclusions.save(trained, job)
+    if index:
+        log(f"[prepare] dedup index {index['uri']}: {index['added']} examples added, {index['examples_after']} in all")
     log(f"[prepare] wrote {join(spec.output.uri, 'prepared/')} and data_report.json ({_elapsed(started)})")
     return data_report
 
 
 def locate_inputs(job: FineTuneJob, scratch: Path, report: Report) -> list[Input]:
-    """The data files, validation first (so a training example that repeats a validation one is the one
-    dropped), each local (s3:// objects downloaded into ``scratch``) and hashed for lineage."""
+    """The data files, the golden set's first, then validation (so a training example that repeats a validation
+    one is the one dropped), each local (s3:// objects downloaded into ``scratch``) and hashed for lineage."""
     spec = job.spec
-    sources = ([(spec.dataset.validation, "validation")] if spec.dataset.validation else []) + [(spec.dataset.train, None)]
+    sources = ([(spec.evaluation.golden_set, "golden")] if spec.evaluation.golden_set else []) + (
+        [(spec.dataset.validation, "validation")] if spec.dataset.validation else []) + [(spec.dataset.train, None)]
     inputs = []
     for uri, split in sources:
         store = store_for(uri, spec.storage)
-        files = store.list(uri)
-        data_files = [f for f in files if is_data_file(f)]
-        report.skipped_files += [f for f in files if not is_data_file(f)]
-        if not data_files:
-            raise PrepareError(f"{uri}: no data files (.jsonl, .jsonl.gz, .parquet, .csv) among {len(files)} file(s)")
-        for file_uri in data_files:
+        if newdata.is_manifest(uri):
+            data_files = _manifest_files(store, uri, report)
+        else:
+            files = store.list(uri)
+            data_files = [(f, None) for f in files if is_data_file(f)]
+            report.skipped_files += [f for f in files if not is_data_file(f)]
+            if not data_files:
+                field = {"golden": "evaluation.goldenSet", "validation": "dataset.validation"}.get(split, "dataset.train")
+                raise PrepareError(f"{field}: {uri}: no data files (.jsonl, .jsonl.gz, .parquet, .csv) among "
+                                   f"{len(files)} file(s)")
+        for file_uri, keep in data_files:
             path = Path(file_uri)
             if is_s3(file_uri):
                 path = scratch / "inputs" / f"{len(inputs)}-{Path(file_uri).name}"
-                store.download(file_uri, path)
+                try:
+                    store.download(file_uri, path)
+                except NotFound:
+                    if keep is None:
+                        raise
+                    report.skipped_files.append(file_uri)  # an earlier object deleted since: not replayed
+                    continue
             digest, size = sha256(), 0
             with open(path, "rb") as f:
                 while block := f.read(1 << 20):
                     digest.update(block)
                     size += len(block)
-            report.inputs.append({"uri": file_uri, "sha256": digest.hexdigest(), "bytes": size})
-            inputs.append(Input(file_uri, path, split, size))
+            report.inputs.append({"uri": file_uri, "sha256": digest.hexdigest(), "bytes": size,
+                                  **({"replay": len(keep)} if keep is not None else {})})
+            inputs.append(Input(file_uri, path, REPLAY if keep is not None else split, size, keep))
     return inputs
 
 
+def _manifest_files(store: Store, uri: str, report: Report) -> list[tuple[str, frozenset[int] | None]]:
+    """A data manifest's files (a schedule's run with trigger.newData): its new objects whole, then the records
+    of its replay files that the run's seed picks."""
+    try:
+        manifest = newdata.parse_manifest(store.read_bytes(uri), f"dataset.train {uri}")
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
+    picks = newdata.replay_picks(manifest)
+    replay = manifest["replay"]
+    report.manifest = {"uri": uri, "new_files": len(manifest["files"]), "replay_files": len(replay["files"]),
+                       "replay_fraction": replay["fraction"]}
+    files = [(e["uri"], None) for e in manifest["files"]] + [(e["uri"], picks[e["uri"]]) for e in replay["files"]]
+    if not files:
+        raise PrepareError(f"dataset.train {uri}: the data manifest lists no files")
+    return files
+
+
 def clean_and_dedup(job: FineTuneJob, inputs: list[Input], scratch: Path, report: Report, workers: int,
-                    log: Callable[[str], None]) -> Kept:
+                    log: Callable[[str], None], exclusions: Exclusions) -> Kept:
     """The first pass: every record read, cleaned and fingerprinted (by ``workers`` processes), duplicates
     decided here, the survivors written to a scratch file."""
     d = job.spec.preprocessing.dedup
@@ -202,36 +253,59 @@ def clean_and_dedup(job: FineTuneJob, inputs: list[Input], scratch: Path, report
     dedup = Dedup(near, str(scratch))
     progress = _Progress("read", sum(i.size for i in inputs), log)
     splits: deque = deque()  # the source of each chunk in flight
-    from_file, draws, line_numbers = [], [], []
+    sources, draws, line_numbers = [], [], []
     path = scratch / "examples.jsonl"
     try:
         with open(path, "wb") as spill:
-            for chunk in ordered_map(Cleaner(job), _chunks(inputs, splits, progress), workers):
+            for chunk in ordered_map(Cleaner(job), _chunks(inputs, splits, progress, report), workers):
                 split = splits.popleft()
                 report.add(chunk)
-                keep, exact, near_dups = dedup.chunk(len(chunk.examples), chunk.exact,
-                                                     chunk.shingle_sets() if near else None, chunk.band_keys)
-                report.duplicates["exact"] += exact
-                report.duplicates["near"] += near_dups
+                keep = _decide(chunk, split, dedup, exclusions, report)
                 spill.write(b"".join(line + b"\n" for line, k in zip(chunk.examples, keep.tolist()) if k))
-                from_file.append(np.full(int(keep.sum()), split == "validation"))
+                sources.append(np.full(int(keep.sum()), split or ""))
                 draws.append(chunk.draws[keep])
                 line_numbers.append(np.array(chunk.line_numbers, np.int64)[keep])
+                if exclusions.active:
+                    exclusions.keep(chunk.sketches.take(keep))
                 progress.records(chunk.lines, int(keep.sum()))
     finally:
         dedup.close()
-    report.dropped.update({"exact_duplicate": report.duplicates["exact"], "near_duplicate": report.duplicates["near"]})
+    report.duplicates.update(exclusions.counts)
+    report.dropped.update({f"{k}_duplicate": v for k, v in report.duplicates.items() if k in ("exact", "near") or v})
     log(f"[prepare] {report.input_lines} lines read, {sum(report.bad_by_reason.values())} bad; duplicates: "
-        f"{report.duplicates['exact']} exact, {report.duplicates['near']} near; {progress.kept} examples left "
+        + ", ".join(f"{v} {k}" for k, v in report.duplicates.items()) + f"; {progress.kept} examples left "
         f"({workers} worker{'s' if workers > 1 else ''}, {progress.elapsed()})")
-    from_file_mask = np.concatenate([np.zeros(0, bool)] + from_file)
-    validation = _split(np.concatenate([np.zeros(0, np.uint64)] + draws), from_file_mask,
-                        job.spec.dataset.validation_split, has_file=job.spec.dataset.validation is not None)
-    return Kept(path, validation, progress.kept, np.concatenate([np.zeros(0, np.int64)] + line_numbers))
+    source = np.concatenate([np.zeros(0, "<U10")] + sources)
+    golden, validation = source == "golden", np.zeros(len(source), bool)
+    validation[~golden] = _split(np.concatenate([np.zeros(0, np.uint64)] + draws)[~golden], source[~golden] == "validation",
+                                 job.spec.dataset.validation_split, has_file=job.spec.dataset.validation is not None)
+    return Kept(path, validation, progress.kept, np.concatenate([np.zeros(0, np.int64)] + line_numbers), golden)
 
 
-def _chunks(inputs: list[Input], splits: deque, progress: "_Progress") -> Iterator[list]:
-    """Chunks of CHUNK records in input order, none across the train/validation boundary."""
+def _decide(chunk: Cleaned, split: str | None, dedup: Dedup, exclusions: Exclusions, report: Report) -> np.ndarray:
+    """A chunk's keep mask. The golden set is kept whole and remembered; other examples like a golden or an
+    indexed one (replayed ones excepted: earlier runs' data on purpose) are dropped, then exact and near duplicates
+    of earlier examples."""
+    n = len(chunk.examples)
+    if split == "golden":
+        exclusions.add_golden(chunk.sketches)
+        return np.ones(n, bool)
+    idx = np.flatnonzero(exclusions.filter(chunk.sketches, index=split != REPLAY) if exclusions.active
+                         else np.ones(n, bool))
+    sets = chunk.shingle_sets() if dedup.near is not None else None
+    keep_idx, exact, near_dups = dedup.chunk(len(idx), None if chunk.exact is None else chunk.exact[idx],
+                                             None if sets is None else [sets[i] for i in idx],
+                                             None if chunk.band_keys is None else chunk.band_keys[idx])
+    report.duplicates["exact"] += exact
+    report.duplicates["near"] += near_dups
+    keep = np.zeros(n, bool)
+    keep[idx[keep_idx]] = True
+    return keep
+
+
+def _chunks(inputs: list[Input], splits: deque, progress: "_Progress", report: Report) -> Iterator[list]:
+    """Chunks of CHUNK records in input order, none across the train/validation boundary; of a replay file, only
+    the records picked."""
     items: list = []
     for n, source in enumerate(inputs):
         if items and source.split != inputs[n - 1].split:
@@ -240,7 +314,11 @@ def _chunks(inputs: list[Input], splits: deque, progress: "_Progress") -> Iterat
             items = []
         with open(source.path, "rb") as f:
             progress.file(f)
-            for item in iter_file(source.uri, f):
+            for ordinal, item in enumerate(iter_file(source.uri, f)):
+                if source.keep is not None:
+                    if ordinal not in source.keep:
+                        continue
+                    report.replayed += 1
                 items.append(item)
                 if len(items) == CHUNK:
                     splits.append(source.split)
@@ -259,8 +337,8 @@ def _tokenizer_texts(kept: Kept, cap: int) -> Iterator[str]:
     and text far beyond maxSeqLength tokens is dropped as too long anyway, so each text is cut to a prefix
     that still covers it."""
     total = 0
-    for is_validation, line in kept.lines():
-        if not is_validation:
+    for split, line in kept.lines():
+        if split == "train":
             record = orjson.loads(line)
             text = text_of(record["messages"], record.get("rejected"))[:cap]
             yield text
@@ -285,8 +363,8 @@ def tokenize_and_write(job: FineTuneJob, tokenizer, kept: Kept, prepared: Path, 
     """The second pass: kept examples tokenized (by ``workers`` processes), packed and written per split; each
     split's statistics and files."""
     pre, pairs = job.spec.preprocessing, job.spec.training.objective == "dpo"
-    writers = {name: ShardWriter(prepared, name, pre.max_seq_length, pre.packing, pairs)
-               for name in ("train", "validation")}
+    names = ("train", "validation") + (("golden",) if kept.golden is not None and kept.golden.any() else ())
+    writers = {name: ShardWriter(prepared, name, pre.max_seq_length, pre.packing, pairs) for name in names}
     splits: deque = deque()
     progress = _Progress("tokenized", 0, log, total_records=kept.count)
     for chunk in ordered_map(Tokenizing(tokenizer, pre.max_seq_length, pairs), _split_chunks(kept, splits), workers):
@@ -297,9 +375,8 @@ def tokenize_and_write(job: FineTuneJob, tokenizer, kept: Kept, prepared: Path, 
 
 
 def _split_chunks(kept: Kept, splits: deque) -> Iterator[list[bytes]]:
-    buffers: dict[str, list[bytes]] = {"train": [], "validation": []}
-    for is_validation, line in kept.lines():
-        name = "validation" if is_validation else "train"
+    buffers: dict[str, list[bytes]] = {"train": [], "validation": [], "golden": []}
+    for name, line in kept.lines():
         buffers[name].append(line)
         if len(buffers[name]) == TOKENIZE_CHUNK:
             splits.append(name)

@@ -21,6 +21,7 @@ from kubetune.data.formats import FormatError, standardize, tools_of
 from kubetune.data.pii import Scrubber
 from kubetune.data.preference import standardize_pair
 from kubetune.data.readers import BadLine, RawLine, Record, parse_line
+from kubetune.data.reference import SKETCH_SEED, Sketcher, Sketches
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Cleaned:
     shingles: np.ndarray | None = None  # near dedup: every survivor's shingle set, concatenated (uint32)
     shingle_counts: np.ndarray | None = None
     band_keys: np.ndarray | None = None  # (survivors, bands) uint64
+    sketches: Sketches | None = None  # with a golden set or a dedup index: to match against them
 
     def shingle_sets(self) -> list[np.ndarray]:
         return np.split(self.shingles, np.cumsum(self.shingle_counts)[:-1]) if len(self.shingle_counts) else []
@@ -52,6 +54,7 @@ class Cleaner:
         self.scrubber = Scrubber(self.pre.pii.redact, self.pre.pii.allow)
         d = self.pre.dedup
         self.near = NearDedup(d.near_threshold, d.ngram, d.num_perm, self.seed) if d.near else None
+        self.sketcher = Sketcher(d) if d.index or spec.evaluation.golden_set else None
 
     def __call__(self, items: list[RawLine | Record | BadLine]) -> Cleaned:
         out, texts = Cleaned(lines=len(items)), []
@@ -90,12 +93,15 @@ class Cleaner:
                                                      digest_size=8).digest(), "big") for t in texts], np.uint64)
         if self.pre.dedup.exact:
             out.exact = np.frombuffer(b"".join(exact_key(t)[:8] for t in texts), np.uint64)
+        sets, sigs = None, None
         if self.near is not None:
             sets = [self.near.shingles(t) for t in texts]
             out.shingle_counts = np.array([len(s) for s in sets], np.int64)
             out.shingles = np.concatenate(sets) if sets else np.zeros(0, np.uint32)
-            out.band_keys = (self.near.band_keys(self.near.signatures(sets)) if sets
-                             else np.zeros((0, self.near.bands), np.uint64))
+            sigs = self.near.signatures(sets) if sets else None
+            out.band_keys = self.near.band_keys(sigs) if sets else np.zeros((0, self.near.bands), np.uint64)
+        if self.sketcher is not None:  # the signatures serve both when made with the same seed
+            out.sketches = self.sketcher(texts, sets, sigs if self.seed == SKETCH_SEED else None, out.exact)
 
     def _clean(self, messages: list[dict], dropped: Counter) -> list[dict] | None:
         for m in messages:

@@ -1,7 +1,8 @@
 """The evaluation gate (``evaluation.gate``): does the fine-tuned model clear the bar? Pure functions.
 
 A gate names one metric of the evaluation report and exactly one bar: ``mustBeat: base`` (strictly
-better than the base model), ``min`` or ``max``. "Better" is lower for losses and error rates, higher
+better than the base model, by at least ``minDelta``, on the validation split), ``mustBeat: serving`` (the
+same against ``evaluation.servedModel``, on the golden set when there is one), ``min`` or ``max``. "Better" is lower for losses and error rates, higher
 for everything else. A verdict is never an exception: a metric that could not be computed (no
 generated replies with ``samples: 0``, no embedding model) is a failed gate that says why.
 """
@@ -47,9 +48,11 @@ def _number(x) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def verdict(gate: Gate, metrics: dict, samples: int) -> Verdict:
-    """The gate's verdict from an eval report's ``metrics`` ({"base": {...}, "fine_tuned": {...}})."""
+def verdict(gate: Gate, metrics: dict, samples: int, where: str = "") -> Verdict:
+    """The gate's verdict from an eval report's ``metrics`` ({"base": {...}, "fine_tuned": {...}}); for mustBeat:
+    serving, "base" holds the served model's figures (see ``compared``), measured ``where``."""
     m = gate.metric
+    other = "served" if gate.must_beat == "serving" else "base"
     threshold = _threshold(gate, metrics)
     if needs_generation(m) and not samples:
         return Verdict(False, m, None, threshold, f"{m} needs generated replies, but evaluation.samples is 0; "
@@ -59,16 +62,27 @@ def verdict(gate: Gate, metrics: dict, samples: int) -> Verdict:
         return Verdict(False, m, None, threshold, f"{m} of the fine-tuned model could not be computed (see the report's notes)")
     if gate.must_beat is not None:
         if threshold is None:
-            return Verdict(False, m, value, None, f"{m} of the base model could not be computed, so there is nothing to beat")
-        passed = better(m, value, threshold)
+            return Verdict(False, m, value, None, f"{m} of the {other} model could not be computed, so there is nothing to beat")
+        delta = gate.min_delta or 0.0
+        passed = better(m, value, threshold) and abs(value - threshold) >= delta
         relation = _relation(value, threshold)
-        return Verdict(passed, m, value, threshold, f"{m} {value:.4f} (fine-tuned) {relation} {threshold:.4f} (base): "
-                       + ("better than the base model" if passed else "not better than the base model"))
+        return Verdict(passed, m, value, threshold, f"{m} {value:.4f} (fine-tuned) {relation} {threshold:.4f} ({other}): "
+                       + ("better than the " if passed else "not better than the ") + f"{other} model"
+                       + (f" by at least minDelta {delta:g}" if delta else "") + (f" on the {where}" if where else ""))
     if gate.min is not None:
         passed = value >= gate.min
         return Verdict(passed, m, value, threshold, f"{m} {value:.4f} " + (">=" if passed else "<") + f" min {gate.min:g}")
     passed = value <= gate.max
     return Verdict(passed, m, value, threshold, f"{m} {value:.4f} " + ("<=" if passed else ">") + f" max {gate.max:g}")
+
+
+def compared(gate: Gate | None, report: dict) -> tuple[dict, int, str]:
+    """What a gate judges in an evaluation report: (metrics, samples, where). mustBeat: serving puts the served
+    model's figures as "base", from the golden set when the report has one; other gates read the validation split."""
+    if gate is None or gate.must_beat != "serving":
+        return report["metrics"], report["samples"], ""
+    part, where = (report["golden"], "golden set") if report.get("golden") else (report, "validation split")
+    return {"base": part["metrics"].get("served", {}), "fine_tuned": part["metrics"]["fine_tuned"]}, part["samples"], where
 
 
 def _threshold(gate: Gate, metrics: dict) -> float | None:
@@ -88,10 +102,11 @@ def parity_failure(problems: list[str], gate: Gate | None) -> Verdict:
                    "train/serve parity check failed: " + "; ".join(problems))
 
 
-def combine(parity_problems: list[str], gate: Gate | None, metrics: dict | None, samples: int) -> Verdict | None:
+def combine(parity_problems: list[str], gate: Gate | None, metrics: dict | None, samples: int,
+            where: str = "") -> Verdict | None:
     """The job's verdict: parity first, then the gate; None when there is no gate and parity holds."""
     if parity_problems:
         return parity_failure(parity_problems, gate)
     if gate is None:
         return None
-    return verdict(gate, metrics or {}, samples)
+    return verdict(gate, metrics or {}, samples, where)

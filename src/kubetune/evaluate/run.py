@@ -27,11 +27,11 @@ import torch
 from kubetune import lineage
 from kubetune.data.formats import template_messages
 from kubetune.evaluate import parity
-from kubetune.evaluate.gate import Verdict, better, combine
+from kubetune.evaluate.gate import Verdict, better, combine, compared
 from kubetune.evaluate.parity import Parity
 from kubetune.evaluate.scores import score
 from kubetune.spec import FineTuneJob
-from kubetune.storage import Mirror, NotFound, join, store_for
+from kubetune.storage import Mirror, NotFound, is_s3, join, store_for
 from kubetune.train.progress import LocalSink, reporter_for
 
 SHOWN_SAMPLES = 5
@@ -76,13 +76,13 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch
     return out
 
 
-def validation(model, prepared: Path, pad_id: int) -> dict:
-    """Validation loss, perplexity and assistant-token accuracy on the validation shards (as in training)."""
+def validation(model, prepared: Path, pad_id: int, split: str = "validation") -> dict:
+    """Validation loss, perplexity and assistant-token accuracy on a split's shards (as in training)."""
     from kubetune.packed import attention, head
     from kubetune.packed.head import validation_totals
     from kubetune.packed.rows import Collator, load_rows, validation_metrics
 
-    rows = load_rows(prepared, "validation")
+    rows = load_rows(prepared, split)
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.register())  # packed rows: attend within documents
     head.install(model)  # the loss without full-vocabulary logits, as in training
@@ -91,7 +91,8 @@ def validation(model, prepared: Path, pad_id: int) -> dict:
     return validation_metrics(totals)
 
 
-def preference_validation(models: dict, prepared: Path, pad_id: int, beta: float, sft_weight: float) -> dict:
+def preference_validation(models: dict, prepared: Path, pad_id: int, beta: float, sft_weight: float,
+                          split: str = "validation") -> dict:
     """objective dpo: each model's pair metrics on the validation pairs (``kubetune.train.dpo``), as training
     reports them, with the base model (``models["base"]``) as the reference. The base's implicit rewards are
     then 0 by definition (preference accuracy 0, margin 0); valid_logp_accuracy, how often the chosen answer is
@@ -100,7 +101,7 @@ def preference_validation(models: dict, prepared: Path, pad_id: int, beta: float
     from kubetune.packed.rows import Collator, load_rows
     from kubetune.train.dpo import Dpo, StoredReference
 
-    rows = load_rows(prepared, "validation")
+    rows = load_rows(prepared, split)
     previous = {name: model.config._attn_implementation for name, model in models.items()}
     for model in models.values():
         model.set_attn_implementation(attention.register())  # packed rows: attend within documents
@@ -132,9 +133,9 @@ def _local_root(job: FineTuneJob, scratch: Path) -> Path:
     return out.path
 
 
-def _records(root: Path) -> list[dict]:
-    """The validation records: messages and, for tool-calling conversations, tools."""
-    return [orjson.loads(line) for line in (root / "prepared" / "validation.jsonl").read_bytes().splitlines() if line.strip()]
+def _records(root: Path, split: str = "validation") -> list[dict]:
+    """A split's records: messages and, for tool-calling conversations, tools."""
+    return [orjson.loads(line) for line in (root / "prepared" / f"{split}.jsonl").read_bytes().splitlines() if line.strip()]
 
 
 def _parity(job: FineTuneJob, root: Path, log: Callable[[str], None]) -> Parity:
@@ -150,49 +151,91 @@ def _parity(job: FineTuneJob, root: Path, log: Callable[[str], None]) -> Parity:
     return result
 
 
-def _evaluate(job: FineTuneJob, root: Path, scratch: Path, log: Callable[[str], None]) -> dict:
-    """Both models on the validation shards and (evaluation.samples) held-out prompts: the report."""
+SERVED_TOKENIZER_NOTE = ("The served model has a tokenizer of its own (a fromConfig model trains one per job): it "
+                         "answers with it, so its reply scores compare, but its loss figures on this job's tokens "
+                         "would not, and it has none; gate on a reply metric (rouge_l, ...) to compare such models.")
+
+
+@dataclass
+class Models:
+    """The models compared: base, fine_tuned and, with evaluation.servedModel, served; ``own``: the tokenizer of
+    a model that does not share the job's (it generates with its own and has no loss figures)."""
+
+    models: dict
+    own: dict
+    notes: list[str]
+
+
+def _models(job: FineTuneJob, root: Path, scratch: Path, tokenizer, device: str) -> Models:
+    """Load them; the served model is the base itself when the run started from it (not loaded twice)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kubetune.models import load_model, resolve_source
 
-    ev = job.spec.evaluation
-    model_dir = root / "model"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pairs = held_out(_records(root), ev.samples, job.spec.training.seed)
-    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     source = None if job.spec.model.from_config else resolve_source(job, scratch / "base")
-    models = {"base": load_model(job, tokenizer, source=source).to(device).eval(),
-              "fine_tuned": AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()}
+    out = Models({"base": load_model(job, tokenizer, source=source).to(device).eval(),
+                  "fine_tuned": AutoModelForCausalLM.from_pretrained(root / "model").to(device).eval()}, {}, [])
+    served = job.spec.evaluation.served_model
+    if served and served.rstrip("/") == (job.spec.model.source or "").rstrip("/"):
+        out.models["served"] = out.models["base"]
+    elif served:
+        path = served.removeprefix("hf://")
+        if is_s3(served):
+            path = str(Mirror(served, scratch / "served", job.spec.storage).fetch())
+        out.models["served"] = load_model(job, tokenizer, source=path).to(device).eval()
+        own = AutoTokenizer.from_pretrained(path)
+        if own.get_vocab() != tokenizer.get_vocab():
+            out.own["served"] = own
+            out.notes.append(SERVED_TOKENIZER_NOTE)
+    return out
+
+
+def _score_split(job: FineTuneJob, m: Models, tokenizer, root: Path, split: str, log: Callable[[str], None]) -> dict:
+    """Every model on one split (validation or golden): its validation figures and (evaluation.samples) replies."""
+    ev, t = job.spec.evaluation, job.spec.training
+    pairs = held_out(_records(root, split), ev.samples, t.seed)
+    prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     results, replies, notes = {}, {}, []
-    t = job.spec.training
+    shared = {name: model for name, model in m.models.items() if name not in m.own}
     if t.objective == "dpo":  # the pair metrics need both models at once (the base is the reference)
-        valid = preference_validation(models, root, tokenizer.pad_token_id, t.dpo.beta, t.dpo.sft_weight)
+        valid = preference_validation(shared, root, tokenizer.pad_token_id, t.dpo.beta, t.dpo.sft_weight, split)
         notes.append(DPO_NOTE)
-    for name, model in models.items():
-        log(f"[evaluate] {name}: validation loss" + (f", generating {len(prompts)} replies" if prompts else ""))
-        generated = generate(model, tokenizer, prompts, ev.max_new_tokens)
+    for name, model in m.models.items():
+        log(f"[evaluate] {name} on {split}: loss" + (f", generating {len(prompts)} replies" if prompts else ""))
+        generated = generate(model, m.own.get(name, tokenizer), prompts, ev.max_new_tokens)
         replies[name] = [g[0] for g in generated]
         metrics, why = score(replies[name], references, [g[1] for g in generated]) if prompts else ({}, [])
-        results[name] = {**(valid[name] if t.objective == "dpo" else validation(model, root, tokenizer.pad_token_id)),
-                         **metrics}
+        if name not in shared:
+            loss = {}
+        else:
+            loss = valid[name] if t.objective == "dpo" else validation(model, root, tokenizer.pad_token_id, split)
+        results[name] = {**loss, **metrics}
         notes += [n for n in why if n not in notes]
-    return {
-        "samples": len(prompts),
-        "max_new_tokens": ev.max_new_tokens,
-        "metrics": results,
-        "notes": notes,
-        "examples": [{"prompt": p.messages, "reference": r, "base": b, "fine_tuned": f}
-                     for p, r, b, f in list(zip(prompts, references, replies["base"], replies["fine_tuned"]))[:SHOWN_SAMPLES]],
-    }
+    examples = [{"prompt": p.messages, "reference": r, **{name: replies[name][i] for name in m.models}}
+                for i, (p, r) in enumerate(list(zip(prompts, references))[:SHOWN_SAMPLES])]
+    return {"samples": len(prompts), "metrics": results, "notes": notes, "examples": examples}
+
+
+def _evaluate(job: FineTuneJob, root: Path, scratch: Path, log: Callable[[str], None]) -> dict:
+    """The models on the validation split and, with evaluation.goldenSet, on the golden set: the report."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = _models(job, root, scratch, tokenizer, device)
+    report = _score_split(job, models, tokenizer, root, "validation", log)
+    report = {**report, "max_new_tokens": job.spec.evaluation.max_new_tokens, "notes": models.notes + report["notes"]}
+    if job.spec.evaluation.golden_set:
+        report["golden"] = _score_split(job, models, tokenizer, root, "golden", log)
+    return report
 
 
 def _evaluate_and_judge(job: FineTuneJob, root: Path, scratch: Path, checked: Parity,
                         log: Callable[[str], None]) -> tuple[dict, Verdict | None]:
     """The evaluation, the gate's verdict on it (parity first), both written as eval_report.{json,md}."""
     report = _evaluate(job, root, scratch, log)
-    verdict = combine(checked.problems, job.spec.evaluation.gate, report["metrics"], report["samples"])
+    gate = job.spec.evaluation.gate
+    verdict = combine(checked.problems, gate, *compared(gate, report))
     report = {"gate": verdict.as_dict() if verdict else None, "parity": checked.as_dict(), **report}
     out = job.spec.output.uri
     store = store_for(out, job.spec.storage)
@@ -259,9 +302,20 @@ def status_patch(verdict: Verdict | None, lineage_status):
 
 
 def summary(report: dict) -> dict:
-    """Fine-tuned vs base per metric, for the progress record and status."""
-    base, tuned = report["metrics"]["base"], report["metrics"]["fine_tuned"]
-    return {k: {"base": _round(base[k]), "fineTuned": _round(tuned[k])} for k in tuned if tuned[k] is not None}
+    """Fine-tuned vs base (and served, with evaluation.servedModel) per metric, for the progress record and
+    status; the golden set's under "golden"."""
+    out = _side_by_side(report["metrics"])
+    if report.get("golden"):
+        out["golden"] = _side_by_side(report["golden"]["metrics"])
+    return out
+
+
+COLUMNS = {"base": "base", "served": "served", "fine_tuned": "fineTuned"}
+
+
+def _side_by_side(metrics: dict) -> dict:
+    tuned = metrics["fine_tuned"]
+    return {k: {COLUMNS[name]: _round(m.get(k)) for name, m in metrics.items()} for k in tuned if tuned[k] is not None}
 
 
 def _round(x):
@@ -269,23 +323,43 @@ def _round(x):
 
 
 def markdown(name: str, report: dict) -> str:
-    base, tuned = report["metrics"]["base"], report["metrics"]["fine_tuned"]
-    lines = [f"# Evaluation of `{name}`", ""] + _verdict_lines(report) + [
-             f"{report['samples']} held-out conversations, greedy replies of at most {report['max_new_tokens']} tokens.", "",
-             "| metric | base | fine-tuned | better |", "|---|---:|---:|:---:|"]
-    for key in tuned:
-        b, t = base.get(key), tuned[key]
-        if t is None or b is None:
-            continue
-        which = "fine-tuned" if better(key, t, b) else ("=" if t == b else "base")
-        lines.append(f"| {key} | {b:.4f} | {t:.4f} | {which} |")
-    lines += [f"\n_{note}_" for note in report["notes"]]
+    lines = [f"# Evaluation of `{name}`", ""] + _verdict_lines(report)
+    parts = [("Validation split", report)] + ([("Golden set", report["golden"])] if report.get("golden") else [])
+    for title, part in parts:
+        lines += [f"## {title}", "", f"{part['samples']} held-out conversations, greedy replies of at most "
+                  f"{report['max_new_tokens']} tokens.", ""] + _table(part["metrics"])
+    lines += [f"\n_{note}_" for note in report["notes"] + report.get("golden", {}).get("notes", [])]
     lines += ["", "## Samples", ""]
+    names = [n for n in COLUMNS if n in report["metrics"]]
     for i, ex in enumerate(report["examples"], 1):
         question = (ex["prompt"][-1]["content"] or "") if ex["prompt"] else ""
-        lines += [f"### {i}. {_quote(question)}", "", "| reference | base | fine-tuned |", "|---|---|---|",
-                  f"| {_quote(ex['reference'])} | {_quote(ex['base'])} | {_quote(ex['fine_tuned'])} |", ""]
+        lines += [f"### {i}. {_quote(question)}", "", "| reference | " + " | ".join(_title(n) for n in names) + " |",
+                  "|---|" + "---|" * len(names),
+                  f"| {_quote(ex['reference'])} | " + " | ".join(_quote(ex[n]) for n in names) + " |", ""]
     return "\n".join(lines)
+
+
+def _title(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _table(metrics: dict) -> list[str]:
+    """Each metric of every model side by side, and which is better than the fine-tuned model's comparison
+    (the served model when there is one, else the base)."""
+    names = [n for n in COLUMNS if n in metrics]
+    other = "served" if "served" in metrics else "base"
+    lines = ["| metric | " + " | ".join(_title(n) for n in names) + " | better |", "|---|" + "---:|" * len(names) + ":---:|"]
+    for key, t in metrics["fine_tuned"].items():
+        b = metrics[other].get(key)
+        if t is None or b is None:
+            continue
+        which = "fine-tuned" if better(key, t, b) else ("=" if t == b else other)
+        lines.append(f"| {key} | " + " | ".join(_cell(metrics[n].get(key)) for n in names) + f" | {which} |")
+    return lines
+
+
+def _cell(x) -> str:
+    return "" if x is None else f"{x:.4f}"
 
 
 def _verdict_lines(report: dict) -> list[str]:

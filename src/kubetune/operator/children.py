@@ -10,6 +10,7 @@ import re
 
 import yaml
 
+from kubetune.errors import PERMANENT, TERMINATION_LOG_ENV
 from kubetune.operator.settings import Settings
 from kubetune.spec import API_GROUP, FineTuneJob
 
@@ -112,6 +113,9 @@ def _env(job: FineTuneJob) -> list[dict]:
         {"name": "TMPDIR", "value": SCRATCH},  # preparation's scratch files (the examples, the shingles)
         {"name": "HF_HOME", "value": f"{SCRATCH}/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # A failure's one-line cause becomes the pod's termination message, and so the reason the operator
+        # reports, instead of the last lines of its log (torchrun's report about every rank).
+        {"name": TERMINATION_LOG_ENV, "value": "/dev/termination-log"},
     ]
 
 
@@ -139,10 +143,21 @@ def _pod_spec(job: FineTuneJob, container: dict, extra_volumes: list[dict] = ())
     }
 
 
+# How a failed pod counts (kubetune.errors has the exit codes). The first rule that matches applies.
+POD_FAILURE_POLICY = {"rules": [
+    # Preemption, eviction, a node drain: not the job's failure. The Job replaces the pod, which resumes
+    # from its SIGTERM checkpoint, and nothing counts against the backoff limit or spec.maxRetries.
+    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    # Bad input, storage refusing, a model that does not load, a diverged loss: no attempt would do better.
+    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": sorted(PERMANENT)}},
+]}
+
+
 def _job(job: FineTuneJob, name: str, component: str, pod_spec: dict, settings: Settings, **spec) -> dict:
     meta = _meta(job, name, component)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {
-        "backoffLimit": 0,  # a failed pod fails the Job; the operator decides about retries
+        "backoffLimit": 0,  # any other failed pod fails the Job; the operator decides about retries
+        "podFailurePolicy": POD_FAILURE_POLICY,
         "ttlSecondsAfterFinished": settings.finished_ttl_seconds,
         # Kueue admits a queued Job by unsuspending it; it must start suspended.
         "suspend": KUEUE_QUEUE_LABEL in meta["labels"],
@@ -159,12 +174,14 @@ def prepare_job(job: FineTuneJob, settings: Settings) -> dict:
         "name": "prepare",
         "image": job.spec.resources.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["kubetune", "prepare", JOB_FILE],
+        "command": ["kubetune", "prepare", JOB_FILE, f"--world={job.spec.resources.nodes * processes_per_node(job)}"],
         "env": _env(job) + [{"name": "KUBETUNE_WORKERS", "value": str(whole_cpus(requests.cpu))}],
         "envFrom": _env_from(job),
         "resources": {"requests": requests.model_dump()},
     }
-    return _job(job, names(job.metadata.name)["prepare"], "prepare", _pod_spec(job, container), settings)
+    # One pod at a time; Kubernetes counts its failures (the podFailurePolicy fails it at once on a permanent one).
+    return _job(job, names(job.metadata.name)["prepare"], "prepare", _pod_spec(job, container), settings,
+                backoffLimit=job.spec.max_retries)
 
 
 def processes_per_node(job: FineTuneJob) -> int:
@@ -211,9 +228,6 @@ def training_job(job: FineTuneJob, attempt: int, settings: Settings) -> dict:
     limits: dict = {"nvidia.com/gpu": r.gpus_per_node} if r.gpus_per_node else {}
     env = _env(job) + [{"name": "NODE_RANK", "valueFrom": {"fieldRef": {
         "fieldPath": f"metadata.annotations['{RANK_ANNOTATION}']"}}}]
-    # A rank's one-line cause of failure becomes the pod's termination message (and so the reason
-    # the operator reports), instead of the last lines torchrun prints about every rank.
-    env.append({"name": "KUBETUNE_ERROR_FILE", "value": "/dev/termination-log"})
     # Progress records carry the attempt (the stall watchdog ignores a previous attempt's last step);
     # lineage.json names the image that trained the model.
     env += [{"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
@@ -243,6 +257,7 @@ def training_job(job: FineTuneJob, attempt: int, settings: Settings) -> dict:
 
 
 SERVE_PORT = 8000
+PRESTOP_SECONDS = 5  # long enough for kube-proxy and the API server's proxy to drop a terminating pod
 MODEL_DIR = "/model"
 
 
@@ -262,8 +277,11 @@ def serving_deployment(job: FineTuneJob, model_uri: str, settings: Settings) -> 
                   "readinessProbe": {"tcpSocket": {"port": SERVE_PORT}}}
     else:
         server = {"image": trainer_image, "imagePullPolicy": settings.image_pull_policy,
-                  "command": ["kubetune", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(SERVE_PORT), "--name", name],
+                  "command": ["kubetune", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(SERVE_PORT), "--name", name,
+                              *capture_args(job)],
                   "readinessProbe": {"httpGet": {"path": "/readyz", "port": SERVE_PORT}}}
+        if s.capture:  # the server writes to storage: it gets the credentials, as the init container does
+            server["envFrom"] = _env_from(job)
     requests = {k: v for k, v in (("cpu", s.cpu), ("memory", s.memory)) if v}
     limits = {"nvidia.com/gpu": s.gpus} if s.gpus else {}
     mounts = [{"name": "model", "mountPath": MODEL_DIR}, {"name": "scratch", "mountPath": SCRATCH}]
@@ -278,8 +296,10 @@ def serving_deployment(job: FineTuneJob, model_uri: str, settings: Settings) -> 
             "securityContext": _CONTAINER_SECURITY,
         }],
         "containers": [{
-            "name": "server", **server, "env": _env(job),
+            "name": "server", **server, "env": _env(job) + _region(job),
             "ports": [{"name": "http", "containerPort": SERVE_PORT}],
+            # A rollout's old pod leaves the Service's endpoints while it waits: no request meets a closed port.
+            "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
             "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
             "volumeMounts": mounts, "securityContext": _CONTAINER_SECURITY,
         }],
@@ -290,11 +310,30 @@ def serving_deployment(job: FineTuneJob, model_uri: str, settings: Settings) -> 
                      "template": {"metadata": {"labels": labels_}, "spec": pod}}}
 
 
+def capture_args(job: FineTuneJob) -> list[str]:
+    """`kubetune serve` options that record conversations and feedback (serve.capture), scrubbed as
+    preparation scrubs the job's data (preprocessing.pii); none without capture."""
+    c, storage = job.spec.serve.capture, job.spec.storage
+    if c is None:
+        return []
+    pii = job.spec.preprocessing.pii.model_dump_json()
+    return ["--capture-uri", c.uri, "--capture-sample-rate", str(c.sample_rate),
+            *(["--feedback-uri", c.feedback_uri] if c.feedback_uri else []), "--pii", pii,
+            *(["--endpoint", storage.endpoint] if storage.endpoint else [])]
+
+
+def _region(job: FineTuneJob) -> list[dict]:
+    region = job.spec.storage.region
+    return [{"name": "AWS_DEFAULT_REGION", "value": region}] if region and job.spec.serve.capture else []
+
+
 def serving_service(job: FineTuneJob) -> dict:
     name = job.metadata.name
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(job, names(name)["serve"], "serve"),
-            "spec": {"selector": {JOB_LABEL: name, "app.kubernetes.io/component": "serve"},
-                     "ports": [{"name": "http", "port": SERVE_PORT, "targetPort": SERVE_PORT}]}}
+    spec = {"selector": {JOB_LABEL: name, "app.kubernetes.io/component": "serve"},
+            "ports": [{"name": "http", "port": SERVE_PORT, "targetPort": SERVE_PORT}]}
+    if job.spec.serve.capture:  # feedback names a completion the pod that served it keeps in memory
+        spec["sessionAffinity"] = "ClientIP"
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(job, names(name)["serve"], "serve"), "spec": spec}
 
 
 def _fill(arg: str, values: dict[str, str]) -> str:

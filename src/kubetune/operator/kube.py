@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+from kubetune.schedule_spec import SCHEDULE_PLURAL
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Kube:
             "RoleBinding": self.rbac.create_namespaced_role_binding,
             "Job": self.batch.create_namespaced_job,
             "Deployment": self.apps.create_namespaced_deployment,
+            "FineTuneJob": self._create_ftj,  # a schedule's runs
         }
 
     def _dict(self, obj) -> dict:
@@ -57,8 +59,29 @@ class Kube:
         return self._absent_is_none(
             lambda: self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name))
 
-    def list_ftjs(self, namespace: str) -> list[dict]:
-        return self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)["items"]
+    def list_ftjs(self, namespace: str, label_selector: str | None = None) -> list[dict]:
+        return self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL,
+                                                         label_selector=label_selector)["items"]
+
+    def _create_ftj(self, namespace: str, body: dict, **kwargs):
+        return self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, body, **kwargs)
+
+    def label_ftj(self, namespace: str, name: str, labels: dict[str, str]) -> None:
+        self._absent_is_none(lambda: self.custom.patch_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, {"metadata": {"labels": labels}}))
+
+    def delete_ftj(self, namespace: str, name: str) -> None:
+        # Background: the job goes now, the garbage collector removes its children.
+        self._absent_is_none(lambda: self.custom.delete_namespaced_custom_object(
+            API_GROUP, API_VERSION, namespace, PLURAL, name, propagation_policy="Background"))
+
+    def get_fts(self, namespace: str, name: str) -> dict | None:
+        return self._absent_is_none(
+            lambda: self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, SCHEDULE_PLURAL, name))
+
+    def patch_fts_status(self, namespace: str, name: str, status: dict) -> None:
+        self.custom.patch_namespaced_custom_object_status(API_GROUP, API_VERSION, namespace, SCHEDULE_PLURAL, name,
+                                                          {"status": status})
 
     def patch_ftj_status(self, namespace: str, name: str, status: dict) -> str:
         """Patch the job's status; the resourceVersion it then has."""

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import socket
 
+from kubetune.errors import missing_extra
 from kubetune.operator.settings import Settings
 
 
@@ -27,7 +28,10 @@ def _few_malloc_arenas(arenas: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _few_malloc_arenas()
-    import kopf
+    try:
+        import kopf
+    except ModuleNotFoundError as e:  # installed without the operator extra: one line, not a traceback
+        raise SystemExit(f"error: {missing_extra(e, 'kubetune-operator', 'operator') or e}") from None
 
     env = Settings.from_env()
     parser = argparse.ArgumentParser(prog="kubetune-operator", description=__doc__)
@@ -42,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                                    metrics_port=args.metrics_port, peering=args.peering)
 
     import kubetune.operator.handlers  # noqa: F401  (registers the handlers)
+    import kubetune.operator.schedule_handlers  # noqa: F401  (FineTuneSchedules')
 
     kopf.configure()  # INFO to stderr, as `kopf run` does; kopf.run() alone logs nothing but warnings
 

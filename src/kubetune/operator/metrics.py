@@ -1,4 +1,4 @@
-"""Prometheus metrics on an HTTP port: jobs by phase, reconcile errors, handler latency."""
+"""Prometheus metrics on an HTTP port: jobs by phase, reconcile errors, handler latency, schedules' runs and results."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 JOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase", ["phase"])
 RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised")
 HANDLER_SECONDS = Histogram("kubetune_reconcile_seconds", "Time to reconcile one FineTuneJob")
+SCHEDULE_RUNS = Counter("kubetune_schedule_runs_total", "Runs started by FineTuneSchedules", ["trigger"])
+SCHEDULE_RESULTS = Counter("kubetune_schedule_run_results_total", "Finished runs of FineTuneSchedules by result "
+                           "(Promoted: a new revision; GateFailed, Failed, Superseded, Replaced: not promoted)", ["result"])
+SCHEDULE_ROLLOUTS = Counter("kubetune_schedule_rollouts_total", "Endpoint switches to another revision "
+                            "(Serving: a promotion or unpinning; RolledBack: to an earlier one)", ["reason"])
 _phase_of: dict[str, str] = {}
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
+from kubetune.errors import PERMANENT
 from kubetune.operator import children
 from kubetune.operator.conditions import FINISHED, JobState, Phase, conditions_for, now
 from kubetune.operator.kube import Rejected
@@ -43,17 +44,43 @@ def job_state(job: dict | None) -> JobState:
     return JobState.SUSPENDED if (job.get("spec") or {}).get("suspend") else JobState.ACTIVE
 
 
-def failure_message(api, namespace: str, job: dict) -> str:
-    """The Job's failure reason plus the last line its failed container printed."""
+@dataclass(frozen=True)
+class Failure:
+    """Why a Job failed: its pod's exit code (kubetune.errors' classes), the one line naming the cause, and
+    whether a pod of it was disrupted (preempted, evicted, drained: the DisruptionTarget condition)."""
+
+    code: int | None
+    message: str
+    disrupted: bool = False
+
+    @property
+    def permanent(self) -> str | None:
+        """The FineTuneJob's reason when no attempt could do better, else None."""
+        return PERMANENT.get(self.code)
+
+
+def job_failure(api, namespace: str, job: dict) -> Failure:
+    """The Job's failure: a failed container's exit code, a permanent one first (in a gang, the other pods fail
+    after it, for want of their peer), and the last line of its termination message (a kubetune process writes
+    its cause there); else the Job's own condition message."""
     reason = next((c.get("message") or c.get("reason", "") for c in job["status"]["conditions"]
-                   if c.get("type") == "Failed"), "")
-    for pod in api.job_pods(namespace, job["metadata"]["name"]):
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            term = ((cs.get("state") or {}).get("terminated") or {})
-            if term.get("exitCode"):
-                last = (term.get("message") or "").strip().splitlines()[-1:] or [f"exit code {term['exitCode']}"]
-                return f"{reason}: {last[0][:300]}" if reason else last[0][:300]
-    return reason or "the Job failed"
+                   if c.get("type") == "Failed"), "") or "the Job failed"
+    pods = api.job_pods(namespace, job["metadata"]["name"])
+    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+                    for p in pods for c in (p.get("status") or {}).get("conditions") or [])
+    ended = [t for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or []
+             if (t := (cs.get("state") or {}).get("terminated") or {}).get("exitCode")]
+    if not ended:
+        return Failure(None, reason, disrupted)
+    term = min(ended, key=lambda t: t["exitCode"] not in PERMANENT)  # the first permanent one, else the first
+    last = (term.get("message") or "").strip().splitlines()[-1:] or [f"exit code {term['exitCode']}"]
+    return Failure(term["exitCode"], last[0].removeprefix("error: ")[:300], disrupted)
+
+
+def attempt_of(status: dict) -> int:
+    """The training attempt under way (0 first): failed ones counted against spec.maxRetries, and disrupted
+    ones, which do not count."""
+    return int(status.get("retries") or 0) + int(status.get("preemptions") or 0)
 
 
 def needs_work(body: dict) -> bool:
@@ -97,7 +124,8 @@ class Step:
     def __post_init__(self):
         self.ns, self.name = self.job.metadata.namespace, self.job.metadata.name
         self.n = children.names(self.name)
-        self.attempt = int(self.status.get("retries") or 0)
+        self.retries, self.preemptions = int(self.status.get("retries") or 0), int(self.status.get("preemptions") or 0)
+        self.attempt = attempt_of(self.status)
         self.train_name = children.training_job_name(self.name, self.attempt)
 
     def run(self) -> Outcome:
@@ -148,8 +176,9 @@ class Step:
             self.start(children.prepare_job(self.job, self.settings))
             base = {"baseModel": self.model_source} if self.job.spec.model.from_job else {}
             return Outcome(Phase.PREPARING, "Preparing", "preparing the data", base)
-        if state == JobState.FAILED:
-            return Outcome(Phase.FAILED, "PreparationFailed", failure_message(self.api, self.ns, prepare))
+        if state == JobState.FAILED:  # its Job counted the tries (backoffLimit: spec.maxRetries)
+            failure = job_failure(self.api, self.ns, prepare)
+            return Outcome(Phase.FAILED, failure.permanent or "PreparationFailed", failure.message)
         if state == JobState.SUSPENDED:
             return Outcome(Phase.PREPARING, "Queued", "waiting for admission")
         if state == JobState.ACTIVE:
@@ -165,35 +194,46 @@ class Step:
                 self.api.delete_job(self.ns, children.training_job_name(self.name, attempt - 1))
             self.ensure(children.headless_service(self.job))
             self.start(children.training_job(self.job, attempt, self.settings))
-            return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, max_retries), prepared)
+            return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, self.retries, max_retries), prepared)
         if state == JobState.COMPLETE:
             done = {**prepared, "outputModel": join(self.job.spec.output.uri, "model"), "completionTime": now()}
             if self.job.spec.serve.enabled:
                 return self.serve(done["outputModel"], done)
             return Outcome(Phase.SUCCEEDED, "Succeeded", "the model is ready", done)
         if state == JobState.FAILED:
-            return self.retry_or_fail("TrainingFailed", "failed", failure_message(self.api, self.ns, training), prepared)
+            failure = job_failure(self.api, self.ns, training)
+            if failure.permanent:  # the Job's podFailurePolicy failed it at once; no attempt would do better
+                return Outcome(Phase.FAILED, failure.permanent, failure.message, prepared)
+            if failure.disrupted:  # a gang of several pods, one preempted: the others failed for it
+                return self.next_attempt("Preempted", f"attempt {attempt + 1} was preempted ({failure.message}); "
+                                         "the next resumes from the latest checkpoint, not counted against "
+                                         "spec.maxRetries", {**prepared, "preemptions": self.preemptions + 1})
+            message = failure.message if failure.code is None else f"exit code {failure.code}: {failure.message}"
+            return self.retry_or_fail("TrainingFailed", "failed", message, prepared)
         if state == JobState.SUSPENDED:
             return Outcome(Phase.TRAINING, "Queued", "waiting for admission", prepared)
         stall = stalled(self.status.get("progress"), attempt, training, self.job.spec.training)
         if stall:  # a hung rank (a collective that never returns, a dead filesystem) holds the gang's GPUs
-            if attempt >= max_retries:
+            if self.retries >= max_retries:
                 self.api.delete_job(self.ns, self.train_name)
             return self.retry_or_fail("Stalled", "stalled", stall, prepared)
-        return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, max_retries), prepared)
+        return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, self.retries, max_retries), prepared)
 
     def retry_or_fail(self, reason: str, what: str, message: str, prepared: dict) -> Outcome:
-        attempt, max_retries = self.attempt, self.job.spec.max_retries
-        if attempt >= max_retries:
+        retries, max_retries = self.retries, self.job.spec.max_retries
+        if retries >= max_retries:
             return Outcome(Phase.FAILED, reason,
-                           f"training {what} {attempt + 1} time(s), spec.maxRetries is {max_retries}: {message}")
-        # Only record the retry here; the next reconcile (this status write triggers it) deletes this gang
-        # and starts the next. Acting first, an operator dying before the write came back to retries N
+                           f"training {what} {retries + 1} time(s), spec.maxRetries is {max_retries}: {message}")
+        return self.next_attempt("Retrying" if reason == "TrainingFailed" else reason,
+                                 f"attempt {self.attempt + 1} {what} ({message}); attempt {self.attempt + 2} resumes "
+                                 "from the latest checkpoint", {**prepared, "retries": retries + 1})
+
+    def next_attempt(self, reason: str, message: str, status: dict) -> Outcome:
+        # Only record the attempt here; the next reconcile (this status write triggers it) deletes this gang
+        # and starts the next. Acting first, an operator dying before the write came back to attempt N
         # and no gang N, and started gang N again, next to gang N+1.
-        retry = attempt + 1
-        return Outcome(Phase.TRAINING, "Retrying" if reason == "TrainingFailed" else reason,
-                       f"attempt {attempt + 1} {what} ({message}); attempt {retry + 1} resumes from the latest checkpoint",
-                       {**prepared, "retries": retry, "trainingJob": children.training_job_name(self.name, retry)})
+        following = children.training_job_name(self.name, self.attempt + 1)
+        return Outcome(Phase.TRAINING, reason, message, {**status, "trainingJob": following})
 
     def serve(self, model_uri: str, done: dict) -> Outcome:
         """Make the endpoint of a succeeded job match spec.serve: a Deployment and a Service owned by the job,
@@ -295,7 +335,7 @@ def seconds_to_stall(body: dict) -> float | None:
     status = body.get("status") or {}
     progress = status.get("progress") or {}
     if (progress.get("phase") not in ("starting", "training") or not progress.get("updatedAt")
-            or progress.get("attempt") != int(status.get("retries") or 0)):
+            or progress.get("attempt") != attempt_of(status)):
         return None
     timeout = duration_seconds(((body.get("spec") or {}).get("training") or {}).get("stallTimeout")
                                or Training.model_fields["stall_timeout"].default)
@@ -308,10 +348,11 @@ def seconds_since(timestamp: str) -> float:
     return (datetime.now(timezone.utc) - then).total_seconds()
 
 
-def _attempt_text(attempt: int, max_retries: int) -> str:
+def _attempt_text(attempt: int, retries: int, max_retries: int) -> str:
     if attempt == 0:
         return "training"
-    return f"training attempt {attempt + 1} of {max_retries + 1}, resumed from the latest checkpoint"
+    return (f"training attempt {attempt + 1} ({retries} of spec.maxRetries {max_retries} used), resumed from the "
+            "latest checkpoint")
 
 
 def status_patch(previous: dict, outcome: Outcome, generation: int | None) -> dict:

@@ -50,8 +50,8 @@ def _backprop(h, weight, z, lse, safe, scale, grad_h, grad_w, s) -> None:
     g = z.mul_(scale[:, None]).to(h.dtype)
     if grad_h is not None:
         grad_h[s] = g @ weight
-    if grad_w is not None:  # a matmul in the model's dtype (tensor cores), summed over chunks in fp32
-        grad_w += (g.T @ h).float()
+    if grad_w is not None:  # summed in place in the weight's dtype, as Liger does: no V x H temporary
+        grad_w.addmm_(g.T, h)
 
 
 class _TokenLoss(torch.autograd.Function):
@@ -61,7 +61,7 @@ class _TokenLoss(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=torch.float32)
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_w = torch.zeros_like(weight) if want_w else None  # an fp32 one would be 2 GiB for 8B's V x H
         for s in _chunks(hidden.shape[0], chunk):
             h, t = hidden[s], target[s]
             z, lse, picked, valid, safe = _scores(h, weight, t)
@@ -69,7 +69,7 @@ class _TokenLoss(torch.autograd.Function):
             correct += ((z.argmax(-1) == t) & valid).sum()
             if want_h or want_w:
                 _backprop(h, weight, z, lse, safe, valid, grad_h, grad_w, s)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
+        ctx.save_for_backward(grad_h, grad_w)
         count = (target != IGNORE).sum()
         ctx.mark_non_differentiable(correct, count)
         return loss, correct, count
@@ -77,8 +77,9 @@ class _TokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _correct, _count):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None)
+        # scaled in place (no second copy of the V x H gradient): the loss is backpropagated once
+        return (None if grad_h is None else grad_h.mul_(grad_loss),
+                None if grad_w is None else grad_w.mul_(grad_loss), None, None)
 
 
 class _TokenLogps(torch.autograd.Function):
@@ -102,12 +103,12 @@ class _TokenLogps(torch.autograd.Function):
         hidden, weight, target, lse_all = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        grad_w = torch.zeros_like(weight) if want_w else None
         for s in _chunks(hidden.shape[0], ctx.chunk):
             z, _, _, valid, safe = _scores(hidden[s], weight, target[s])
             # log-probability is minus the loss: its gradient is the loss's, scaled by -grad_logp
             _backprop(hidden[s], weight, z, lse_all[s], safe, -grad_logp[s] * valid, grad_h, grad_w, s)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+        return grad_h, grad_w, None, None
 
 
 def token_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int | None = None):

@@ -1,6 +1,7 @@
 """An OpenAI-compatible chat endpoint (aiohttp): the fine-tuned model for existing OpenAI clients.
 
     POST /v1/chat/completions   non-streaming, or server-sent events with "stream": true
+    POST /v1/feedback           a rating (and correction) of a recent reply, when capturing (serve/feedback.py)
     GET  /v1/models             the one served model
     GET  /healthz, /readyz      liveness; readiness once the model is loaded
     GET  /openapi.json          an OpenAPI 3 description of the above
@@ -19,6 +20,9 @@ Requests are validated and rejected with OpenAI-style error bodies ({"error": {"
 (``serve/batching.py``): up to ``--max-batch`` requests advance together, one token per step, and a
 new request joins at the next step; up to ``--max-queue`` requests wait, more get 503 (clients retry).
 ``--max-batch 1`` generates one request at a time with generate().
+
+With a ``Recorder`` (``--capture-uri``, ``serve/capture.py``) every finished reply is handed to it, which
+samples, scrubs and writes off the request path.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from aiohttp import web
 
 from kubetune.data.formats import ROLES, is_valid_unicode
 from kubetune.openai_errors import RequestError, middleware
+from kubetune.serve.capture import Conversation, Recorder
 from kubetune.serve.engine import ChatModel, Params, Result
+from kubetune.serve.feedback import feedback_route
 from kubetune.serve.tool_calls import ToolCallSplitter, parse_tool_calls, parse_tools, tool_calls_in
 
 STATIC = Path(__file__).parent / "static"
@@ -127,7 +133,8 @@ def _number(body: dict, names: tuple[str, ...], kind, low, high, default):
     return values[0] if values else default
 
 
-def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16, max_batch: int = 8) -> web.Application:
+def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16, max_batch: int = 8,
+             recorder: Recorder | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[openai_errors])
     if max_batch > 1:
         model.start_batching(max_batch)
@@ -139,6 +146,8 @@ def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16, max_
             yield
 
     app.cleanup_ctx.append(threads)
+    if recorder is not None:  # after threads: cleanup runs in reverse, so its last flush still has a thread
+        app.cleanup_ctx.append(_recording(recorder))
     waiting = {"n": 0}
 
     async def chat(request: web.Request) -> web.StreamResponse:
@@ -158,13 +167,17 @@ def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16, max_
         waiting["n"] += 1
         try:
             meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+            done = (lambda reply: recorder.completed(Conversation(meta["id"], meta["created"], model.name,
+                                                                  messages + [reply], tools or None))) if recorder else None
             if stream:
-                return await _stream(request, model, ids, params, meta, tools)
+                return await _stream(request, model, ids, params, meta, tools, done)
             result = await asyncio.to_thread(model.complete, ids, params)
             message, finish = {"role": "assistant", "content": result.text}, result.finish_reason
             parsed = parse_tool_calls(result.text, {t["function"]["name"] for t in tools}) if tools else None
             if parsed:
                 message, finish = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}, "tool_calls"
+            if done:
+                done(message)
             return web.json_response({**meta, "object": "chat.completion", "choices": [{
                 "index": 0, "message": message, "finish_reason": finish}], "usage": _usage(result)})
         finally:
@@ -177,16 +190,28 @@ def make_app(model: ChatModel, max_tokens: int = 1024, max_queue: int = 16, max_
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def index(request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC / "index.html")
+    async def index(request: web.Request) -> web.Response:
+        page = (STATIC / "index.html").read_text()
+        if recorder is not None:  # the page shows its feedback buttons
+            page = page.replace('<body data-feedback="off">', '<body data-feedback="on">')
+        return web.Response(text=page, content_type="text/html")
 
     async def openapi(request: web.Request) -> web.Response:
         return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
 
     app.add_routes([web.post("/v1/chat/completions", chat), web.get("/v1/models", models),
                     web.get("/healthz", healthz), web.get("/readyz", healthz), web.get("/", index),
-                    web.get("/openapi.json", openapi)])
+                    web.get("/openapi.json", openapi), feedback_route(recorder)])
     return app
+
+
+def _recording(recorder: Recorder):
+    async def recording(app: web.Application):
+        recorder.start()
+        yield
+        await asyncio.to_thread(recorder.close)  # on SIGTERM too: aiohttp runs cleanup on shutdown
+
+    return recording
 
 
 def _encode(model: ChatModel, messages: list[dict], tools: list[dict] | None):
@@ -200,7 +225,8 @@ def _encode(model: ChatModel, messages: list[dict], tools: list[dict] | None):
 
 
 async def _stream(request: web.Request, model: ChatModel, ids, params: Params, meta: dict,
-                  tools: list[dict] | None = None) -> web.StreamResponse:
+                  tools: list[dict] | None = None, done=None) -> web.StreamResponse:
+    """Stream the reply; ``done`` gets the whole reply message once it has ended normally."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
 
@@ -214,6 +240,7 @@ async def _stream(request: web.Request, model: ChatModel, ids, params: Params, m
     await send({"role": "assistant", "content": ""})
     pieces = model.stream(ids, params)
     calls = ToolCallSplitter() if tools else None  # content streams until a tool call starts
+    reply = {"role": "assistant", "content": ""}
     while True:
         try:
             item = await asyncio.to_thread(next, pieces, None)
@@ -230,14 +257,19 @@ async def _stream(request: web.Request, model: ChatModel, ids, params: Params, m
             parsed = parse_tool_calls(rest, {t["function"]["name"] for t in tools}) if rest else None
             if parsed:
                 await send({"tool_calls": [{"index": k, **c} for k, c in enumerate(parsed[1])]})
-                finish = "tool_calls"
+                finish, reply["tool_calls"] = "tool_calls", parsed[1]
             elif rest:
                 await send({"content": rest})
+                reply["content"] += rest
             await send({}, finish, _usage(item))
+            if done:
+                done(reply)
         elif calls is None:
             await send({"content": item})
+            reply["content"] += item
         elif piece := calls.feed(item):
             await send({"content": piece})
+            reply["content"] += piece
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
@@ -249,7 +281,7 @@ def _usage(result: Result) -> dict:
 
 
 def serve(model_path: str, host: str, port: int, name: str | None, max_tokens: int, max_queue: int,
-          max_batch: int = 8) -> None:
+          max_batch: int = 8, recorder: Recorder | None = None) -> None:
     model = ChatModel(model_path, name)
     print(f"serving '{model.name}' on http://{host}:{port}/v1 (chat page at http://{host}:{port}/)", flush=True)
-    web.run_app(make_app(model, max_tokens, max_queue, max_batch), host=host, port=port, print=None)
+    web.run_app(make_app(model, max_tokens, max_queue, max_batch, recorder), host=host, port=port, print=None)

@@ -2,8 +2,9 @@
 
 import os
 import sys
+import traceback
 
-from kubetune.errors import KubetuneError
+from kubetune.errors import KubetuneError, cause, exit_code
 from kubetune.train.recipe import train
 
 if __name__ == "__main__":
@@ -11,11 +12,14 @@ if __name__ == "__main__":
         sys.exit("usage: torchrun ... -m kubetune.train JOB_FILE")
     try:
         train(sys.argv[1])
-    except KubetuneError as e:  # a clear line naming the cause (storage, op build lock, model), not a traceback
-        message = f"error: {e}"
-        # torchrun prints the other ranks' failures after this line; the file keeps the cause for
-        # whoever reports it (`kubetune run`, or the kubelet's termination message in a pod).
+    except Exception as e:  # noqa: BLE001 - every failure ends with its one-line cause and class
+        if not isinstance(e, KubetuneError):
+            traceback.print_exc()  # a bug: its traceback for whoever fixes it, the cause for everyone
+        line, code = cause(e), exit_code(e)
+        # torchrun exits 1 whatever its ranks did, and prints their reports after this line: the file keeps
+        # the class and cause for the launcher (`kubetune run`, or the training pod's command) to end with.
         if os.environ.get("KUBETUNE_ERROR_FILE"):
             with open(os.environ["KUBETUNE_ERROR_FILE"], "a") as f:
-                f.write(message + "\n")
-        sys.exit(message)
+                f.write(f"{code}\t{line}\n")
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(code)

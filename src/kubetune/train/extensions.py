@@ -18,13 +18,13 @@ import shutil
 import time
 from pathlib import Path
 
-from kubetune.errors import KubetuneError
+from kubetune.errors import Transient
 
 SHM_OP = "ShareMemCommBuilder"  # the op deepspeed.comm.torch.build_shm_op loads
 NOTICE_AFTER_S = 10.0
 
 
-class BuildLockTimeout(KubetuneError):
+class BuildLockTimeout(Transient):
     """A live build of DeepSpeed's op held its lock past the wait limit."""
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 
 def default_nproc() -> int:
@@ -39,13 +40,31 @@ def node_rank(options: list[str]) -> int:
     return parser.parse_known_args(options)[0].node_rank
 
 
-def run_passing_signals(command: list[str]) -> int:
+def run_ranks(command: list[str], env: dict[str, str], pass_signals: bool = False) -> tuple[int, str]:
+    """Run torchrun ``command``: its exit code and cause, or those the first failed rank wrote (torchrun exits 1
+    whatever its ranks did; ``kubetune.train`` writes "CODE<TAB>error: ..." lines to KUBETUNE_ERROR_FILE)."""
+    fd, errors = tempfile.mkstemp(prefix="kubetune-ranks-", suffix=".errors")
+    os.close(fd)
+    try:
+        full_env = {**os.environ, **env, "KUBETUNE_ERROR_FILE": errors}
+        code = run_passing_signals(command, full_env) if pass_signals else subprocess.run(command, env=full_env).returncode
+        with open(errors) as f:
+            first = f.readline().strip()
+    finally:
+        os.unlink(errors)
+    if code and first:
+        rank_code, _, cause = first.partition("\t")
+        return int(rank_code), cause
+    return code, ""
+
+
+def run_passing_signals(command: list[str], env: dict[str, str] | None = None) -> int:
     """Run ``command``, passing SIGTERM and SIGINT on to it; a signal after it has ended ends us.
 
     A pod's first process gets no default signal handling, so without this the kubelet's SIGTERM
     would be ignored until the grace period ran out; torchrun stops its ranks on it.
     """
-    proc = subprocess.Popen(command)
+    proc = subprocess.Popen(command, env=env)
 
     def on_signal(signum, _frame):
         if proc.poll() is None:

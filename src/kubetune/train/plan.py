@@ -35,11 +35,30 @@ class BatchPlan:
         return self.micro * self.accum
 
 
-def make_plan(rows: int, global_batch: int, micro: int, world: int, epochs: int, max_steps: int | None) -> BatchPlan:
+AUTO_MAX = 32  # globalBatchSize: auto's largest batch (rows per step)
+AUTO_MIN_STEPS = 8  # ... and it keeps at least this many steps per epoch where the data allows
+
+
+def auto_global_batch(rows: int, world: int) -> int:
+    """globalBatchSize: auto: 32 rows per step, fewer for small data so an epoch has about 8 steps; a multiple
+    of the world size, at least one row per process (OpenAI's batch_size auto likewise grows with the data)."""
+    batch = min(AUTO_MAX, max(world, rows // AUTO_MIN_STEPS))
+    return max(world, batch // world * world)
+
+
+def make_plan(rows: int, global_batch: int | str, micro: int, world: int, epochs: int,
+              max_steps: int | None) -> BatchPlan:
+    """The plan, or a PlanError naming the numbers that do not fit (a permanent error: retrying cannot help)."""
+    if rows < world:
+        raise PlanError(f"the data has {rows} packed training row(s), fewer than the {world} training processes: "
+                        "add examples or train on fewer processes")
+    if global_batch == "auto":
+        global_batch = auto_global_batch(rows, world)
     if global_batch % world:
         raise PlanError(f"training.globalBatchSize {global_batch} is not divisible by the {world} training processes")
     if rows < global_batch:
-        raise PlanError(f"the data has {rows} packed training rows, fewer than training.globalBatchSize {global_batch}")
+        raise PlanError(f"the data has {rows} packed training rows, fewer than training.globalBatchSize {global_batch}"
+                        f" (auto fits it to the data)")
     per_rank = global_batch // world
     micro = max(m for m in range(1, min(micro, per_rank) + 1) if per_rank % m == 0)
     steps_per_epoch = rows // global_batch  # the remainder differs every epoch, as the order does

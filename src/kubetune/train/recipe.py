@@ -29,7 +29,7 @@ from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import Mirror
 from kubetune.train import batching, dpo, extensions
 from kubetune.train.bookkeeping import Bookkeeper, Cost
-from kubetune.errors import KubetuneError
+from kubetune.errors import EXIT_DIVERGED, KubetuneError, Transient
 from kubetune.train.flops import Shape, shape_of
 from kubetune.train.distributed import Preemption, is_node_leader
 from kubetune.train.export import export_model
@@ -40,9 +40,11 @@ from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_ba
 class TrainingDiverged(KubetuneError):
     """The loss is NaN or infinite: the weights are spoiled, so stop before they are saved."""
 
+    exit_code = EXIT_DIVERGED
 
-class Preempted(KubetuneError):
-    """Stopped on SIGTERM after checkpointing the last finished step."""
+
+class Preempted(Transient):
+    """Stopped on SIGTERM after checkpointing the last finished step: the next attempt resumes there."""
 
 
 def deepspeed_config(job: FineTuneJob, plan: BatchPlan, bf16: bool) -> dict:
@@ -153,7 +155,8 @@ class Run:
                                         ("fused loss", head.head_of(self.engine) is not None)) if on]
         return (f"[train] {self.world} process(es) on {'GPU' if self.on_gpu else 'CPU'} ({self.dtype}), "
                 f"ZeRO-{t.zero_stage}, {t.method}" + (f", DPO (beta {t.dpo.beta})" if t.objective == "dpo" else "")
-                + f"; global batch {plan.global_batch} = {plan.micro} micro"
+                + f"; global batch {plan.global_batch}" + (" (auto)" if t.global_batch_size == "auto" else "")
+                + f" = {plan.micro} micro"
                 + (" (auto)" if t.micro_batch_size == "auto" else "") + f" x {plan.accum} accumulation x "
                 f"{self.world}; {plan.total_steps} steps ({plan.steps_per_epoch} per epoch)"
                 + (f"; {', '.join(extras)}" if extras else ""))
@@ -195,7 +198,7 @@ def setup(job: FineTuneJob) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     check_objective(prepared, t.objective)
     train_rows, valid_rows = load_rows(prepared, "train"), load_rows(prepared, "validation")
-    per_rank_cap = t.micro_batch_size if isinstance(t.micro_batch_size, int) else t.global_batch_size
+    per_rank_cap = t.micro_batch_size if isinstance(t.micro_batch_size, int) else len(train_rows)
     plan = make_plan(len(train_rows), t.global_batch_size, per_rank_cap, world, t.epochs, t.max_steps)
     source = None if spec.model.from_config else resolve_source(job, scratch / "base-model")
     model = build_model(job, tokenizer, source, dtype, device)
@@ -356,7 +359,7 @@ def train_step(run: Run, rows: np.ndarray, micro_batches: Iterator[Batch], preem
         engine.backward(loss * plan.accum * run.world)
         engine.step()
         stats[:-1] += micro_stats
-    stats[-1] = float(preemption.requested)
+    stats[-1:].fill_(float(preemption.requested))  # a kernel argument; `stats[-1] = x` copies from the host and waits
     dist.all_reduce(stats)
     stats = stats.cpu()
     return objective.step_metrics(stats[:-1]), stats[-1].item() > 0
@@ -379,7 +382,7 @@ def train(job_file: str) -> None:
     engine, plan = run.engine, run.plan
     export = partial(export_model, engine, job, run.tokenizer, run.source, run.dtype, run.scratch)  # export(dest)
     book = Bookkeeper(job, plan, run.scratch, run.rank, export, cost(run, began),
-                      {"microBatchSize": plan.micro, "gradientCheckpointing": run.gradient_checkpointing,
+                      {"globalBatchSize": plan.global_batch, "microBatchSize": plan.micro, "gradientCheckpointing": run.gradient_checkpointing,
                        "compiled": run.compiled})
     start = book.resume(engine)
     book.log(run.describe())
