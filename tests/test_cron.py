@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from kubetune.cron import CronError, parse
+from kubetune.cron import CronError, parse, zone
 
 
 def utc(text: str) -> datetime:
@@ -55,3 +55,32 @@ def test_latest_tick_at_or_before_counts_the_moment_itself():
 def test_errors_name_the_field(schedule, message):
     with pytest.raises(CronError, match=re.escape(message)):
         parse(schedule)
+
+
+# In a time zone (a CronJob's timeZone): ticks on the zone's wall clock, given in UTC. Europe/Berlin moves
+# to summer time on 2026-03-29 (02:00 → 03:00) and back on 2026-10-25 (03:00 → 02:00).
+BERLIN = zone("Europe/Berlin")
+
+
+@pytest.mark.parametrize("schedule, after, expected", [
+    ("0 3 * * *", "2026-01-01 12:00", "2026-01-02 02:00"),  # 03:00 CET is 02:00 UTC
+    ("0 3 * * *", "2026-07-01 12:00", "2026-07-02 01:00"),  # 03:00 CEST is 01:00 UTC
+    ("30 2 * * *", "2026-03-28 12:00", "2026-03-29 01:30"),  # 02:30 does not exist that day: an hour late
+    ("30 2 * * *", "2026-03-29 01:30", "2026-03-30 00:30"),
+    ("30 2 * * *", "2026-10-24 12:00", "2026-10-25 00:30"),  # 02:30 comes twice that day: the first
+    ("30 2 * * *", "2026-10-25 00:30", "2026-10-26 01:30"),  # and only that one
+    ("0 0 * * mon", "2026-01-04 22:00", "2026-01-04 23:00"),  # Monday in Berlin is still Sunday in UTC
+])
+def test_next_tick_in_a_time_zone(schedule, after, expected):
+    assert parse(schedule).next_after(utc(after), BERLIN) == utc(expected)
+
+
+def test_latest_tick_in_a_time_zone():
+    assert parse("30 2 * * *").latest_at_or_before(utc("2026-10-25 01:00"), BERLIN) == utc("2026-10-25 00:30")
+    assert parse("0 3 * * *").latest_at_or_before(utc("2026-01-02 01:59"), BERLIN) == utc("2026-01-01 02:00")
+
+
+def test_an_unknown_time_zone_is_named():
+    with pytest.raises(CronError, match="'Mars/Olympus' is not a time zone"):
+        zone("Mars/Olympus")
+    assert zone(None) == timezone.utc

@@ -92,6 +92,15 @@ def test_cron_tick_due_or_not(status, created, runs, starts):
                                        "trigger": "schedule"}
 
 
+def test_a_schedule_in_a_time_zone_ticks_on_its_wall_clock():
+    # 03:00 in Berlin (CET, UTC+1) is 02:00 UTC: at NOW (03:00:30 UTC) today's tick is an hour past, not due
+    # (acted on), and the next is tomorrow's.
+    p = go(schedule({"lastScheduleTime": "2026-03-02T02:00:00Z"}, timeZone="Europe/Berlin"))
+    assert not started(p) and p.status["nextRun"] == "2026-03-03T02:00:00Z"
+    p = go(schedule({"lastScheduleTime": "2026-03-01T02:00:00Z"}, timeZone="Europe/Berlin"))
+    assert started(p)[0]["metadata"]["annotations"]["kubetune.dev/scheduled-at"] == "2026-03-02T02:00:00Z"
+
+
 def test_a_run_is_a_valid_finetunejob_of_its_own():
     new = started(go(schedule()))[0]
     job = parse_job(new)

@@ -34,6 +34,7 @@ def test_defaults():
 @pytest.mark.parametrize("change, problem", [
     ({"schedule": "0 25 * * *"}, "spec.schedule: hour: '25' is outside 0-23"),
     ({"schedule": "daily"}, "spec.schedule: String should match pattern"),
+    ({"timeZone": "Mars/Olympus"}, "spec.timeZone: 'Mars/Olympus' is not a time zone"),
     ({"concurrencyPolicy": "Queue"}, "spec.concurrencyPolicy: Input should be 'Forbid', 'Allow' or 'Replace'"),
     ({"historyLimit": 0}, "spec.historyLimit: Input should be greater than or equal to 1"),
     ({"pinnedRevision": 0}, "spec.pinnedRevision: Input should be greater than or equal to 1"),

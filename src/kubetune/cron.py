@@ -1,16 +1,20 @@
-"""Cron schedules as a CronJob writes them: five fields (minute hour day-of-month month day-of-week), in UTC.
+"""Cron schedules as a CronJob writes them: five fields (minute hour day-of-month month day-of-week), read in
+UTC or, like a CronJob's ``timeZone``, in an IANA time zone (``Europe/Berlin``).
 
 The same syntax Kubernetes' CronJob accepts (robfig/cron's standard parser): ``*``, ``?``, lists
 (``1,15``), ranges (``1-5``), steps (``*/15``, ``10-50/20``, ``5/10`` = 5-59/10), month and weekday names
 (``jan``, ``mon-fri``), 7 as Sunday, and the macros ``@hourly``, ``@daily`` (``@midnight``), ``@weekly``,
 ``@monthly``, ``@yearly`` (``@annually``). As in Vixie cron, when both day fields are restricted a day
-matching either one counts. Written here rather than taken from PyPI: it is this small.
+matching either one counts. In a zone with daylight saving time, a tick in the skipped hour comes an hour
+late (02:30 is 03:30 that day) and one in the repeated hour comes once, at its first occurrence. Written here
+rather than taken from PyPI: it is this small.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
           "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
@@ -42,27 +46,40 @@ class Cron:
         dom, dow = d.day in self.days, (d.weekday() + 1) % 7 in self.weekdays
         return (dom and dow) if self.any_day or self.any_weekday else (dom or dow)
 
-    def next_after(self, t: datetime) -> datetime | None:
-        """The first tick strictly after ``t`` (None: none within five years)."""
-        start = t.replace(second=0, microsecond=0) + timedelta(minutes=1)
-        return self._search(start, 1)
+    def next_after(self, t: datetime, zone: tzinfo = timezone.utc) -> datetime | None:
+        """The first tick strictly after ``t`` (aware), read in ``zone``; in UTC (None: none within five years)."""
+        return self._search(t + timedelta(minutes=1), zone, 1)
 
-    def latest_at_or_before(self, t: datetime) -> datetime | None:
-        """The last tick at or before ``t``."""
-        return self._search(t.replace(second=0, microsecond=0), -1)
+    def latest_at_or_before(self, t: datetime, zone: tzinfo = timezone.utc) -> datetime | None:
+        """The last tick at or before ``t`` (aware), read in ``zone``; in UTC."""
+        return self._search(t, zone, -1)
 
-    def _search(self, start: datetime, direction: int) -> datetime | None:
-        day = start.replace(hour=0, minute=0)
+    def _search(self, t: datetime, zone: tzinfo, direction: int) -> datetime | None:
+        start = t.astimezone(timezone.utc).replace(second=0, microsecond=0)
+        # Wall-clock days in the zone; each tick compared as an instant (a zone's offset changes within a day).
+        day = start.astimezone(zone).replace(tzinfo=None, hour=0, minute=0)
         hours, minutes = sorted(self.hours, reverse=direction < 0), sorted(self.minutes, reverse=direction < 0)
         for _ in range(SEARCH_DAYS):
             if self.day_matches(day):
                 for hour in hours:
                     for minute in minutes:
-                        tick = day.replace(hour=hour, minute=minute)
+                        # fold=0: a skipped time reads with the old offset (an hour late), a repeated one once
+                        tick = day.replace(hour=hour, minute=minute, tzinfo=zone, fold=0).astimezone(timezone.utc)
                         if (tick - start) * direction >= timedelta(0):
                             return tick
             day += timedelta(days=direction)
         return None
+
+
+def zone(name: str | None) -> tzinfo:
+    """An IANA time zone by name (None: UTC); CronError when there is no such zone."""
+    if name is None:
+        return timezone.utc
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise CronError(f"'{name}' is not a time zone this machine knows (an IANA name such as Europe/Berlin "
+                        "or America/New_York)") from None
 
 
 def parse(text: str) -> Cron:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kubetune.cron import CronError, parse as parse_cron
+from kubetune.cron import CronError, parse as parse_cron, zone
 from kubetune.spec import (API_GROUP, CAPTURE_RULE, Capture, JOB_NAME, FineTuneJobSpec, Metadata, Quantity, Serve, Uri,
                            ValidationMetric, _Model, check_capture, parse_document)
 
@@ -102,8 +102,11 @@ class FineTuneScheduleSpec(_Model):
         "(OUTPUT/NAME-rN/).",
         json_schema_extra={"x-kubernetes-validations": TEMPLATE_RULES})
     schedule: str | None = Field(None, pattern=CRON, max_length=128, description="When to start a run, in cron's "
-                                 "five fields as a CronJob takes them (UTC), e.g. '0 3 * * *' or @weekly; absent: "
-                                 "only on request (kubetune retrain).")
+                                 "five fields as a CronJob takes them (in timeZone), e.g. '0 3 * * *' or @weekly; "
+                                 "absent: only on request (kubetune retrain).")
+    time_zone: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$",
+                                  description="The IANA time zone schedule is read in, as a CronJob's timeZone "
+                                  "(e.g. Europe/Berlin; daylight saving time included); absent: UTC.")
     concurrency_policy: Literal["Forbid", "Allow", "Replace"] = Field(
         "Forbid", description="A tick while a run is active: Forbid skips it (a request waits for the run), Allow "
         "starts another, Replace deletes the active runs and starts a new one.")
@@ -131,6 +134,15 @@ class FineTuneScheduleSpec(_Model):
                 parse_cron(value)
             except CronError as e:
                 raise ValueError(str(e)) from None
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        try:
+            zone(value)
+        except CronError as e:
+            raise ValueError(str(e)) from None
         return value
 
     @model_validator(mode="after")

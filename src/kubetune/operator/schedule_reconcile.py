@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from kubetune import newdata
-from kubetune.cron import parse as parse_cron
+from kubetune.cron import parse as parse_cron, zone
 from kubetune.operator import schedule_children as sc
 from kubetune.operator.schedule_newdata import seconds_to_poll, watermark
 from kubetune.operator.conditions import FINISHED, Phase
@@ -229,17 +229,17 @@ class Planner:
         if not self.spec.schedule:
             self.status["nextRun"] = None
             return None
-        cron = parse_cron(self.spec.schedule)
+        cron, tz = parse_cron(self.spec.schedule), zone(self.spec.time_zone)
         carried = [_annotation(r, sc.TICK_ANNOTATION) for r in self.runs]
         done = max([t for t in carried + [self.status.get("lastScheduleTime")] if t], default=None)
         if done:
             self.status["lastScheduleTime"] = done
         since = parse_stamp(done or self.body["metadata"]["creationTimestamp"])
-        upcoming = cron.next_after(self.now)
+        upcoming = cron.next_after(self.now, tz)
         self.status["nextRun"] = stamp(upcoming) if upcoming and not self.spec.suspend else None
         if upcoming and not self.spec.suspend:
             self.out.wake_in = (upcoming - self.now).total_seconds()
-        tick = cron.latest_at_or_before(self.now)
+        tick = cron.latest_at_or_before(self.now, tz)
         if not tick or tick <= since:
             return None
         if self.spec.suspend:  # not caught up on when resumed: a suspended schedule misses its ticks
