@@ -38,7 +38,7 @@ def test_defaults():
     ({"concurrencyPolicy": "Queue"}, "spec.concurrencyPolicy: Input should be 'Forbid', 'Allow' or 'Replace'"),
     ({"historyLimit": 0}, "spec.historyLimit: Input should be greater than or equal to 1"),
     ({"pinnedRevision": 0}, "spec.pinnedRevision: Input should be greater than or equal to 1"),
-    ({"promotion": {"metric": "rouge_l"}}, "spec.promotion.metric: Input should be 'valid_loss'"),
+    ({"promotion": {"metric": "rouge"}}, "spec.promotion.metric: Input should be 'valid_loss'"),
     ({"serve": {"replicas": 0}}, "spec.serve.replicas: Input should be greater than or equal to 1"),
 ])
 def test_bad_fields_are_named(change, problem):
@@ -55,6 +55,15 @@ def test_the_template_may_not_set_what_the_schedule_decides():
     doc = schedule_doc()
     doc["spec"]["jobTemplate"]["serve"] = {"enabled": True}
     with pytest.raises(SpecError, match="jobTemplate.serve is not used in a template"):
+        parse_schedule(doc)
+
+
+def test_promotion_on_a_reply_score_needs_replies():
+    doc = schedule_doc(promotion={"metric": "rouge_l", "goldenSet": "s3://data/golden.jsonl"})
+    assert parse_schedule(doc).spec.promotion.metric == "rouge_l"  # 50 replies by default
+    doc["spec"]["jobTemplate"]["evaluation"] = {"samples": 0}
+    with pytest.raises(SpecError, match="promotion.metric rouge_l scores generated replies, but "
+                                        "jobTemplate.evaluation.samples is 0"):
         parse_schedule(doc)
 
 

@@ -19,8 +19,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kubetune.cron import CronError, parse as parse_cron, zone
-from kubetune.spec import (API_GROUP, CAPTURE_RULE, Capture, JOB_NAME, FineTuneJobSpec, Metadata, Quantity, Serve, Uri,
-                           ValidationMetric, _Model, check_capture, parse_document)
+from kubetune.spec import (API_GROUP, CAPTURE_RULE, VALIDATION_METRICS, Capture, JOB_NAME, FineTuneJobSpec, GateMetric,
+                           Metadata, Quantity, Serve, Uri, _Model, check_capture, parse_document)
 
 SCHEDULE_PLURAL = "finetuneschedules"
 SCHEDULE_KIND = "FineTuneSchedule"
@@ -33,9 +33,10 @@ CRON = r"^(@[a-z]+|[-0-9A-Za-z*/,?]+( +[-0-9A-Za-z*/,?]+){4})$"
 class Promotion(_Model):
     """When a run's model replaces the one being served."""
 
-    metric: ValidationMetric = Field("valid_loss", description="The validation metric a run's model must improve on "
-                                     "the served model's, both measured on goldenSet when given, else on the run's "
-                                     "held-out data.")
+    metric: GateMetric = Field("valid_loss", description="The evaluation metric a run's model must improve on the "
+                               "served model's, both measured on goldenSet when given, else on the run's held-out "
+                               "data: a validation figure (valid_loss, ...) or a reply score (rouge_l, ...: on "
+                               "jobTemplate.evaluation.samples generated replies).")
     min_delta: float = Field(0.0, ge=0, description="The least improvement that promotes (0: any improvement).")
     golden_set: Uri | None = Field(
         None, description="A fixed evaluation set (JSONL conversations), held out forever: every run drops training "
@@ -92,8 +93,19 @@ TEMPLATE_RULES = [
 ]
 
 
+# A reply score (rouge_l, ...) needs replies to score; the same check as _template's, at admission.
+REPLY_METRIC_RULE = {
+    "rule": "!has(self.promotion) || !has(self.promotion.metric) || self.promotion.metric in "
+            f"{list(VALIDATION_METRICS)} || !has(self.jobTemplate.evaluation) || "
+            "!has(self.jobTemplate.evaluation.samples) || self.jobTemplate.evaluation.samples > 0",
+    "fieldPath": ".promotion.metric",
+    "message": "promotion.metric scores generated replies, but jobTemplate.evaluation.samples is 0"}
+
+
 class FineTuneScheduleSpec(_Model):
     """A model kept up to date: runs (FineTuneJobs) on a cron schedule or on request, the best one served."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [REPLY_METRIC_RULE]})
 
     job_template: FineTuneJobSpec = Field(
         description="The spec of each run (a FineTuneJob spec). The schedule sets model (the served revision's, "
@@ -151,6 +163,8 @@ class FineTuneScheduleSpec(_Model):
             raise ValueError(f"jobTemplate.{TEMPLATE_RULES[0]['message']}")
         if "serve" in self.job_template.model_fields_set:
             raise ValueError(f"jobTemplate.{TEMPLATE_RULES[1]['message']}")
+        if self.promotion.metric not in VALIDATION_METRICS and not self.job_template.evaluation.samples:
+            raise ValueError(REPLY_METRIC_RULE["message"].replace("metric", f"metric {self.promotion.metric}", 1))
         return self
 
 
