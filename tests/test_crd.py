@@ -42,7 +42,7 @@ def test_crd_names_and_status():
     assert spec["names"]["shortNames"] == ["ftj"]
     version = spec["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]][:2] == ["Phase", "Progress"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:3] == ["Phase", "Reason", "Progress"]  # Reason: Queued with Kueue, Retrying, ...
     assert "exactly one" in version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["model"]["description"].lower()
 
 

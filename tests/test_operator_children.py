@@ -194,3 +194,22 @@ def test_failed_pods_count_by_their_class():
         assert j["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # what a podFailurePolicy requires
         env = j["spec"]["template"]["spec"]["containers"][0]["env"]
         assert {"name": "KUBETUNE_TERMINATION_LOG", "value": "/dev/termination-log"} in env
+
+
+@pytest.mark.parametrize("queue, own, expected", [
+    ({"name": "team-a", "priorityClass": "high"}, {}, {"kueue.x-k8s.io/queue-name": "team-a",
+                                                       "kueue.x-k8s.io/priority-class": "high"}),
+    ({"name": "team-a"}, {"kueue.x-k8s.io/queue-name": "old"}, {"kueue.x-k8s.io/queue-name": "team-a"}),  # spec wins
+    (None, {"kueue.x-k8s.io/queue-name": "q", "kueue.x-k8s.io/priority-class": "low"},
+     {"kueue.x-k8s.io/queue-name": "q", "kueue.x-k8s.io/priority-class": "low"}),  # the labels, as before spec.queue
+    (None, {"kueue.x-k8s.io/priority-class": "low"}, {}),  # a priority without a queue: Kueue is not asked
+])
+def test_every_child_job_goes_to_the_queue_the_job_names(queue, own, expected):
+    doc = job_doc("s3://data/raw/", "s3://models/out/", **({"queue": queue} if queue else {}))
+    doc["metadata"] = {"name": "bot", "namespace": "team-a", "labels": own}
+    job = parse_job(doc)
+    for child in (children.prepare_job(job, SETTINGS), children.training_job(job, 0, SETTINGS)):
+        kueue = {k: v for k, v in child["metadata"]["labels"].items() if k.startswith("kueue.x-k8s.io/")}
+        assert kueue == expected
+        assert child["spec"]["suspend"] is bool(expected)  # Kueue admits it by unsuspending it
+        assert child["spec"]["template"]["metadata"]["labels"] == child["metadata"]["labels"]

@@ -65,6 +65,9 @@ class FakeApi:
     def job_pods(self, ns, name):
         return (self.objects.get(("Job", name)) or {}).get("pods", [])
 
+    def workload(self, ns, job):
+        return job.get("workload")
+
 
 def done(kind="Complete", suspend=False, pods=()):
     return {"spec": {"suspend": suspend}, "status": {"conditions": [{"type": kind, "status": "True", "message": "m"}]},
@@ -283,3 +286,59 @@ def test_a_permanent_failure_says_its_cause_once():
     jobs = {"bot-train-0": done("Failed", pods=[pod(3, "Traceback...\nerror: the data has 4 packed training rows")])}
     outcome = reconcile(FakeApi(jobs), Settings(), body(status=TRAINING), adopt=lambda obj: None)
     assert outcome.message == "the data has 4 packed training rows"  # the last line, no "error: ", no retry count
+
+
+# Kueue: a suspended Job it holds, in its words (the real Kueue runs in the e2e: tests/e2e/test_kueue.py)
+
+QUOTA_SHORT = ("couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor default, "
+               "800m more needed")
+PENDING = {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": QUOTA_SHORT}
+EVICTED = {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate a "
+           "workload (UID: 1, JobUID: 2) due to prioritization in the ClusterQueue"}
+ADMITTED = {"type": "Admitted", "status": "True", "lastTransitionTime": "2026-12-04T10:00:00Z"}
+
+
+def kueue_job(*conditions, suspend=True, terminating=0, workload=True, start=None) -> dict:
+    return {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}, "uid": "u1",
+                         "creationTimestamp": ago(7200)},
+            "spec": {"suspend": suspend}, "status": {"terminating": terminating, **({"startTime": start} if start else {})},
+            "workload": {"status": {"conditions": list(conditions)}} if workload else None}
+
+
+SAVED = {"progress": {"phase": "training", "attempt": 0, "step": 41, "updatedAt": ago(3600),
+                      "checkpoint": "s3://out/bot/checkpoints/step-00000040"}}
+
+
+@pytest.mark.parametrize("what, status, jobs, reason, says", [
+    ("prepare waits for quota", {}, {"bot-prepare": kueue_job(PENDING)}, "Queued",
+     f"waiting in Kueue's LocalQueue team-a: {QUOTA_SHORT}"),
+    ("no Workload yet (no Kueue?)", {}, {"bot-prepare": kueue_job(workload=False)}, "Queued", "is Kueue running"),
+    ("a gang waits for quota", TRAINING, {"bot-train-0": kueue_job(PENDING)}, "Queued", QUOTA_SHORT),
+    ("preempted, pods still saving", {**TRAINING, **SAVED}, {"bot-train-0": kueue_job(EVICTED, PENDING, terminating=1)},
+     "Preempting", "preempted by Kueue (Preempted: Preempted to accommodate a workload (UID: 1, JobUID: 2) due to "
+     "prioritization in the ClusterQueue); 1 pod(s) saving a checkpoint"),
+    ("preempted, checkpoint saved", {**TRAINING, **SAVED}, {"bot-train-0": kueue_job(EVICTED, PENDING)},
+     "Preempted", f"due to prioritization in the ClusterQueue), 40 steps kept; waiting in LocalQueue team-a to be "
+     f"admitted again: {QUOTA_SHORT}"),
+])
+def test_a_job_kueue_holds_says_why(what, status, jobs, reason, says):
+    api = FakeApi(jobs)
+    outcome = reconcile(api, Settings(), body(status=status), adopt=lambda obj: None)
+    assert outcome.reason == reason and says in outcome.message, outcome.message
+    assert api.created == [] and api.deleted == []  # the same Job waits: no new attempt, nothing counted
+    assert not outcome.status.get("retries") and not outcome.status.get("preemptions")
+    assert outcome.status["admittedAt"] is None
+
+
+def test_admitted_again_the_same_gang_resumes_and_says_when():
+    # Readmitted an hour after its last progress record: Kueue reset the Job's startTime, so no stall.
+    gang = kueue_job(ADMITTED, suspend=False, start=ago(5))
+    api = FakeApi({"bot-train-0": gang})
+    outcome = reconcile(api, Settings(), body(status={**TRAINING, **SAVED, "reason": "Preempted"},
+                                              training={"stallTimeout": "30m"}), adopt=lambda obj: None)
+    assert (outcome.reason, outcome.status["admittedAt"]) == ("Training", "2026-12-04T10:00:00Z"), outcome.message
+    assert api.created == [] and not outcome.status.get("retries")
+    gang["workload"] = None  # admitted once: not read again while it runs
+    again = reconcile(api, Settings(), body(status={**TRAINING, "reason": "Training", "admittedAt": "2026-12-04T10:00:00Z"}),
+                      adopt=lambda obj: None)
+    assert again.status["admittedAt"] == "2026-12-04T10:00:00Z"

@@ -135,6 +135,7 @@ def crd(kind: str = "job") -> dict:
         return schedule_crd()
     printer = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},  # Queued, Preempted (Kueue), Retrying, ...
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
         {"name": "Train Loss", "type": "number", "jsonPath": ".status.progress.metrics.train_loss"},
         {"name": "Valid Loss", "type": "number", "jsonPath": ".status.progress.metrics.valid_loss"},

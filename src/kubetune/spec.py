@@ -439,6 +439,19 @@ def _immutable_rules(schema: dict) -> None:
     schema["x-kubernetes-validations"] = rules
 
 
+class Queue(_Model):
+    """Kueue (kueue.sigs.k8s.io): where the job's Jobs wait for quota, and how they rank there."""
+
+    name: str = Field(pattern=LABEL_VALUE, min_length=1, max_length=63, description="The LocalQueue in the job's "
+                      "namespace (the label kueue.x-k8s.io/queue-name of every child Job; the FineTuneJob's own label "
+                      "works too). Each Job starts suspended and runs once Kueue admits it: the training gang's pods "
+                      "all at once.")
+    priority_class: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253, description="A Kueue "
+                                       "WorkloadPriorityClass (kueue.x-k8s.io/priority-class): higher ones are "
+                                       "admitted first and may preempt lower ones, which save a checkpoint and "
+                                       "resume when admitted again.")
+
+
 class FineTuneJobSpec(_Model):
     """A fine-tuning job: data in, a tuned chat model out."""
 
@@ -453,6 +466,8 @@ class FineTuneJobSpec(_Model):
     output: Output
     storage: Storage = Field(default_factory=Storage)
     serve: Serve = Field(default_factory=Serve)
+    queue: Queue | None = Field(None, description="Queue the job's Jobs in Kueue (absent: they start at once, unless "
+                                "the FineTuneJob has the label kueue.x-k8s.io/queue-name).")
     suspend: bool = Field(False, description="Stop the running workload, keeping progress; false again resumes it.")
     max_retries: int = Field(  # at most 100: training Job names (NAME-train-ATTEMPT) stay short
         3, ge=0, le=100, description="Times a failed training gang is restarted from the latest checkpoint before the job fails."

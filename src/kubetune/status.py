@@ -145,6 +145,8 @@ class Status(_Model):
     retries: int | None = Field(None, description="Failed training gangs restarted so far (counted against spec.maxRetries).")
     preemptions: int | None = Field(None, description="Training gangs restarted after a preemption, eviction or node "
                                     "drain (not counted against spec.maxRetries).")
+    admitted_at: str | None = Field(None, description="When Kueue admitted the running Job (spec.queue); absent while "
+                                    "it waits (reason Queued, with Kueue's message) or after a preemption.")
     output_model: str | None = Field(None, description="Where the fine-tuned model is.")
     endpoint: str | None = Field(None, description="The OpenAI-compatible endpoint, when served.")
     data_report: DataReport | None = None

@@ -11,10 +11,10 @@ import re
 import yaml
 
 from kubetune.errors import PERMANENT, TERMINATION_LOG_ENV
+from kubetune.operator.kueue import PRIORITY_LABEL, QUEUE_LABEL as KUEUE_QUEUE_LABEL
 from kubetune.operator.settings import Settings
 from kubetune.spec import API_GROUP, FineTuneJob
 
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 JOB_LABEL = "kubetune.dev/job"
 MANAGED_BY = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune-operator"}
 CONFIG_DIR = "/etc/kubetune"
@@ -39,11 +39,18 @@ def training_job_name(job_name: str, attempt: int) -> str:
 
 
 def labels(job: FineTuneJob, component: str) -> dict[str, str]:
-    out = {**MANAGED_BY, "app.kubernetes.io/component": component, JOB_LABEL: job.metadata.name}
-    queue = (job.metadata.model_extra or {}).get("labels", {}).get(KUEUE_QUEUE_LABEL)
-    if queue:
-        out[KUEUE_QUEUE_LABEL] = queue
-    return out
+    return {**MANAGED_BY, "app.kubernetes.io/component": component, JOB_LABEL: job.metadata.name, **kueue_labels(job)}
+
+
+def kueue_labels(job: FineTuneJob) -> dict[str, str]:
+    """Kueue's labels for the children: from spec.queue, else the FineTuneJob's own (as a Job takes them)."""
+    own = (job.metadata.model_extra or {}).get("labels") or {}
+    queue = job.spec.queue
+    name = queue.name if queue else own.get(KUEUE_QUEUE_LABEL)
+    if not name:
+        return {}
+    priority = (queue.priority_class if queue else None) or own.get(PRIORITY_LABEL)
+    return {KUEUE_QUEUE_LABEL: name, **({PRIORITY_LABEL: priority} if priority else {})}
 
 
 def _meta(job: FineTuneJob, name: str, component: str) -> dict:

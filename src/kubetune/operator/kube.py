@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+from kubetune.operator import kueue
 from kubetune.schedule_spec import SCHEDULE_PLURAL
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL
 
@@ -124,6 +125,13 @@ class Kube:
 
     def delete_deployment(self, namespace: str, name: str) -> None:
         self._absent_is_none(lambda: self.apps.delete_namespaced_deployment(name, namespace))
+
+    def workload(self, namespace: str, job: dict) -> dict | None:
+        """Kueue's Workload for a Job; None when there is none yet, or no Kueue (its API is not there)."""
+        selector = f"{kueue.JOB_UID_LABEL}={job['metadata'].get('uid', '')}"
+        found = self._absent_is_none(lambda: self.custom.list_namespaced_custom_object(
+            kueue.GROUP, kueue.VERSION, namespace, "workloads", label_selector=selector))
+        return next(iter((found or {}).get("items") or []), None)
 
     def job_pods(self, namespace: str, job_name: str) -> list[dict]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")

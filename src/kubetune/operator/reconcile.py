@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from kubetune.errors import PERMANENT
-from kubetune.operator import children
+from kubetune.operator import children, kueue
 from kubetune.operator.conditions import FINISHED, JobState, Phase, conditions_for, now
 from kubetune.operator.kube import Rejected
 from kubetune.operator.settings import Settings
@@ -180,9 +180,9 @@ class Step:
             failure = job_failure(self.api, self.ns, prepare)
             return Outcome(Phase.FAILED, failure.permanent or "PreparationFailed", failure.message)
         if state == JobState.SUSPENDED:
-            return Outcome(Phase.PREPARING, "Queued", "waiting for admission")
+            return self.queued(prepare, Phase.PREPARING, {})
         if state == JobState.ACTIVE:
-            return Outcome(Phase.PREPARING, "Preparing", "preparing the data")
+            return Outcome(Phase.PREPARING, "Preparing", "preparing the data", self.admitted(prepare))
         return None
 
     def train(self) -> Outcome:
@@ -211,13 +211,32 @@ class Step:
             message = failure.message if failure.code is None else f"exit code {failure.code}: {failure.message}"
             return self.retry_or_fail("TrainingFailed", "failed", message, prepared)
         if state == JobState.SUSPENDED:
-            return Outcome(Phase.TRAINING, "Queued", "waiting for admission", prepared)
+            return self.queued(training, Phase.TRAINING, prepared)
+        prepared.update(self.admitted(training))
         stall = stalled(self.status.get("progress"), attempt, training, self.job.spec.training)
         if stall:  # a hung rank (a collective that never returns, a dead filesystem) holds the gang's GPUs
             if self.retries >= max_retries:
                 self.api.delete_job(self.ns, self.train_name)
             return self.retry_or_fail("Stalled", "stalled", stall, prepared)
         return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, self.retries, max_retries), prepared)
+
+    def queued(self, held: dict, phase: Phase, status: dict) -> Outcome:
+        """A Job Kueue holds (suspended): waiting for quota, or preempted, in Kueue's words."""
+        queue = held["metadata"].get("labels", {}).get(kueue.QUEUE_LABEL)
+        if not queue:  # suspended by hand, not by Kueue: nothing will start it
+            return Outcome(phase, "Queued", f"Job {held['metadata']['name']} is suspended and not in a Kueue queue")
+        st = held.get("status") or {}
+        pods_left = int(st.get("active") or 0) + int(st.get("terminating") or 0)
+        reason, message = kueue.waiting(self.api.workload(self.ns, held), queue, pods_left, self.status.get("progress"))
+        return Outcome(phase, reason, message, {**status, "admittedAt": None})
+
+    def admitted(self, running: dict) -> dict:
+        """status.admittedAt of a running Job Kueue admitted, read once per admission (after Queued/Preempted)."""
+        if kueue.QUEUE_LABEL not in running["metadata"].get("labels", {}):
+            return {}
+        if self.status.get("admittedAt") and self.status.get("reason") not in ("Queued", "Preempting", "Preempted"):
+            return {"admittedAt": self.status["admittedAt"]}
+        return {"admittedAt": kueue.admitted_at(self.api.workload(self.ns, running)) or now()}
 
     def retry_or_fail(self, reason: str, what: str, message: str, prepared: dict) -> Outcome:
         retries, max_retries = self.retries, self.job.spec.max_retries
@@ -317,7 +336,9 @@ def stalled(progress: dict | None, attempt: int, gang: dict, training) -> str | 
     before it (an earlier attempt, or this one before a suspend)."""
     if not progress or progress.get("attempt") != attempt or progress.get("phase") not in ("starting", "training"):
         return None
-    last, created = progress.get("updatedAt") or "", gang["metadata"].get("creationTimestamp") or ""
+    # Its start: created, or resumed (Kueue admitting it again after a preemption resets status.startTime).
+    created = max(gang["metadata"].get("creationTimestamp") or "", (gang.get("status") or {}).get("startTime") or "")
+    last = progress.get("updatedAt") or ""
     if last < created:  # both RFC 3339 in UTC: text order is time order
         return None
     idle = seconds_since(last)
