@@ -13,6 +13,8 @@ Job's podFailurePolicy and the operator, which fail a job at once on a permanent
     5     the model cannot be loaded                                   fails at once: ModelError
     6     the loss diverged (NaN or infinite)                          fails at once: TrainingDiverged
     75    transient: storage unavailable after its retries, a lock     retries
+    143   the trainer stopped on SIGTERM with a checkpoint of its      not counted: the Job replaces the pod
+          last step (a deleted pod, Kueue suspending its Job)          (or Kueue admits it again), it resumes
     128+N killed by signal N (137: the OOM killer or the kubelet)       retries; preemption, eviction and
                                                                        node drain (DisruptionTarget) do not count
 """
@@ -25,6 +27,7 @@ import signal
 import sys
 
 EXIT_UNEXPECTED, EXIT_INVALID, EXIT_STORAGE, EXIT_MODEL, EXIT_DIVERGED, EXIT_TRANSIENT = 1, 3, 4, 5, 6, 75
+EXIT_STOPPED = 128 + signal.SIGTERM  # what a process ended by SIGTERM exits with, by the shell's convention
 PERMANENT = {EXIT_INVALID: "InvalidInput", EXIT_STORAGE: "StorageError", EXIT_MODEL: "ModelError",
              EXIT_DIVERGED: "TrainingDiverged"}  # exit code → the FineTuneJob's reason
 # Where a pod's main process writes the one-line cause: the kubelet makes it the termination message.

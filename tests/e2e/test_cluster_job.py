@@ -12,54 +12,30 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
 
-from conftest import EXAMPLES, ROOT, start_moto
+from e2e_cluster import (HOST_IP, KUBECONFIG, RELEASE_NS, SECRET_KEY, bucket, create_credentials, env, ftj_named, get_json,
+                     job_pods, kubectl, last_step, log, log_from_step, sh, small_job, wait_for)
+from e2e_cluster import namespace, operator_release, s3  # noqa: F401  (the session's fixtures)
+from conftest import EXAMPLES
 
-KUBECONFIG = os.environ.get("KUBETUNE_E2E_KUBECONFIG")
-HOST_IP = os.environ.get("KUBETUNE_E2E_HOST_IP", "127.0.0.1")
-BIN = os.environ.get("KUBETUNE_E2E_BIN", "")  # folder with kubectl and helm
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not KUBECONFIG, reason="set KUBETUNE_E2E_KUBECONFIG (scripts/e2e.sh)")]
 
-RELEASE_NS = "kubetune-system"
 JOB = "nimbus-support"
-# Planted credentials: the S3 server accepts any; no log, event or status may show the secret.
-ACCESS_KEY, SECRET_KEY = "AKIAE2E" + uuid.uuid4().hex[:13].upper(), "e2e-secret-" + uuid.uuid4().hex
 # Planted personal data, in one more data file: none of it may reach an artifact, log, event or status.
 PII = ["mara.quintero+e2e@example.org", "+49 30 901820", "+91 98765 43210", "+81 3-1234-5678", "0151 23456789",
        "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32",
        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJlMmUtcGlpIn0.c2lnbmF0dXJlLWUyZS1waWk"]
-
-
-def env() -> dict:
-    return {**os.environ, "KUBECONFIG": KUBECONFIG, "PATH": f"{BIN}:{os.environ['PATH']}" if BIN else os.environ["PATH"]}
-
-
-def sh(*args: str, check: bool = True, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    run = subprocess.run(args, env=env(), capture_output=True, text=True, input=input, timeout=timeout)
-    if check and run.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({run.returncode}): {run.stderr[-3000:]}")
-    return run
-
-
-def kubectl(*args: str, **kw) -> subprocess.CompletedProcess:
-    return sh("kubectl", *args, **kw)
-
-
-def get_json(*args: str) -> dict:
-    return json.loads(kubectl("get", *args, "-o", "json").stdout)
 
 
 def ftj(ns: str) -> dict:
@@ -74,72 +50,6 @@ def until(ns: str, check, timeout: float, what: str, interval: float = 1.0):
             raise AssertionError(f"the job failed while waiting for {what}: {status.get('message')}")
         return check(status)
     return wait_for(step, timeout, what, interval)
-
-
-def wait_for(check, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def log(message: str) -> None:
-    print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-@pytest.fixture(scope="module")
-def s3():
-    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1")
-    proc, url = start_moto(host=HOST_IP)
-    yield url
-    proc.terminate()
-    proc.wait(10)
-
-
-def passed(request) -> bool:
-    return not getattr(request.session, "e2e_failed", False)  # on failure, keep everything to look at
-
-
-@pytest.fixture(scope="module")
-def namespace(request):
-    """The job's namespace, enforcing the restricted Pod Security Standard like the operator's."""
-    ns = f"e2e-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", ns)
-    kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
-    yield ns
-    if passed(request):
-        kubectl("delete", "namespace", ns, "--wait=false", check=False)
-
-
-@pytest.fixture(scope="module")
-def operator_release(request, s3):
-    """`helm install` the chart: the locally built operator image, in a restricted namespace, with
-    `kubetune api` (api.enabled) whose jobs are small CPU jobs."""
-    kubectl("create", "namespace", RELEASE_NS, check=False)
-    kubectl("label", "--overwrite", "namespace", RELEASE_NS, "pod-security.kubernetes.io/enforce=restricted")
-    create_credentials(RELEASE_NS)  # the API server's own access to the files
-    sh("helm", "uninstall", "kubetune", "-n", RELEASE_NS, "--wait", check=False)
-    values = Path(tempfile.mkdtemp()) / "api-values.yaml"
-    values.write_text(yaml.safe_dump({"api": {
-        "enabled": True, "filesUri": "s3://kubetune/api/files/", "outputsUri": "s3://kubetune/api/jobs/",
-        "storage": {"endpoint": s3, "credentialsSecret": "s3-credentials"}, "credentialsSecret": "s3-credentials",
-        "jobDefaults": {"preprocessing": {"maxSeqLength": 512},
-                        "training": {"maxSteps": 12, "microBatchSize": 4, "learningRate": 3e-3,
-                                     "evalEvery": 6, "checkpointEvery": 6},
-                        "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "900m", "memory": "2Gi"},
-                        "evaluation": {"samples": 2, "maxNewTokens": 8},
-                        "serve": {"enabled": True, "cpu": "200m", "memory": "1Gi"}}}}))
-    sh("helm", "install", "kubetune", str(ROOT / "charts" / "kubetune"), "-n", RELEASE_NS,
-       "-f", str(ROOT / "charts" / "kubetune" / "values-local.yaml"), "-f", str(values),
-       "--set", "localS3.enabled=false",  # the MinIO image cannot be pulled here; the test serves S3
-       "--set", "storageCredentialsSecret=s3-credentials",  # the operator's own: schedules poll their new data
-       "--wait", "--timeout", "5m")
-    yield
-    if passed(request):
-        sh("helm", "uninstall", "kubetune", "-n", RELEASE_NS, "--wait", check=False)
 
 
 def job_manifest(s3_url: str) -> dict:
@@ -159,18 +69,6 @@ def job_manifest(s3_url: str) -> dict:
 
 def training_pods(ns: str, attempt: int) -> list[dict]:
     return get_json("pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={JOB}-train-{attempt}")["items"]
-
-
-def log_from_step(ns: str, pod: str, step: int) -> str | None:
-    """The pod's log once it shows ``step`` (or later), else None (also while its container is still being created:
-    kubectl logs refuses then)."""
-    run = kubectl("logs", "-n", ns, pod, check=False)
-    return run.stdout if not run.returncode and last_step(run.stdout) >= step else None
-
-
-def last_step(text: str) -> int:
-    steps = re.findall(r"step (\d+)/\d+", text)
-    return int(steps[-1]) if steps else 0
 
 
 def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
@@ -302,11 +200,6 @@ def api_access(ns: str, account: str) -> tuple[str, str]:
     return f"http://{ip}:8080/v1", token
 
 
-def create_credentials(ns: str) -> None:
-    kubectl("create", "secret", "generic", "s3-credentials", "-n", ns, f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}",
-            f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}", check=False)  # check=False: it may exist
-
-
 def chat_through_service(ns: str):
     """The official openai client, through the Service: the API server's service proxy, with a
     ServiceAccount token allowed only that (works on any cluster, kind included)."""
@@ -395,33 +288,6 @@ def short_conversations(n: int = 30) -> bytes:
         {"role": "user", "content": f"How do I {topics[i % len(topics)]}? (ticket {i})"},
         {"role": "assistant", "content": f"Open Settings, then {topics[i % len(topics)].split()[0]}: step {i % 3 + 1}."},
     ]}).encode() + b"\n" for i in range(n))
-
-
-def small_job(s3_url: str, name: str, data: str, **training) -> dict:
-    """A one-pod CPU job on tiny data; ``training`` as a user would write it (defaults left out)."""
-    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": {
-        "model": {"fromConfig": {"size": "tiny", "vocabSize": 1024}}, "dataset": {"train": data},
-        "preprocessing": {"maxSeqLength": 256}, "training": {"method": "full", "learningRate": 3e-3, **training},
-        "evaluation": {"samples": 2, "maxNewTokens": 8},
-        "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "900m", "memory": "2Gi"},
-        "output": {"uri": f"s3://kubetune/jobs/{name}/"},
-        "storage": {"endpoint": s3_url, "credentialsSecret": "s3-credentials"}}}
-
-
-def bucket(s3_url: str):
-    """An S3 client, with the kubetune bucket there (a test may run alone, without the one that makes it)."""
-    client = boto3.client("s3", endpoint_url=s3_url)
-    if "kubetune" not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-        client.create_bucket(Bucket="kubetune")
-    return client
-
-
-def ftj_named(ns: str, name: str) -> dict:
-    return get_json("ftj", name, "-n", ns).get("status") or {}
-
-
-def job_pods(ns: str, job: str) -> list[dict]:
-    return get_json("pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={job}")["items"]
 
 
 def test_small_data_a_batch_that_cannot_fit_and_an_eviction(s3, namespace, operator_release):

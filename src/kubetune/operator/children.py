@@ -10,7 +10,7 @@ import re
 
 import yaml
 
-from kubetune.errors import PERMANENT, TERMINATION_LOG_ENV
+from kubetune.errors import EXIT_STOPPED, PERMANENT, TERMINATION_LOG_ENV
 from kubetune.operator.kueue import PRIORITY_LABEL, QUEUE_LABEL as KUEUE_QUEUE_LABEL
 from kubetune.operator.settings import Settings
 from kubetune.spec import API_GROUP, FineTuneJob
@@ -155,6 +155,9 @@ POD_FAILURE_POLICY = {"rules": [
     # Preemption, eviction, a node drain: not the job's failure. The Job replaces the pod, which resumes
     # from its SIGTERM checkpoint, and nothing counts against the backoff limit or spec.maxRetries.
     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    # A trainer that saved its step on SIGTERM and stopped: its pod was deleted (Kueue suspending the Job deletes
+    # them unmarked), not failed; the pod that follows resumes.
+    {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [EXIT_STOPPED]}},
     # Bad input, storage refusing, a model that does not load, a diverged loss: no attempt would do better.
     {"action": "FailJob", "onExitCodes": {"operator": "In", "values": sorted(PERMANENT)}},
 ]}

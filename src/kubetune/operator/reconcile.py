@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from kubetune.errors import PERMANENT
+from kubetune.errors import EXIT_STOPPED, PERMANENT
 from kubetune.operator import children, kueue
 from kubetune.operator.conditions import FINISHED, JobState, Phase, conditions_for, now
 from kubetune.operator.kube import Rejected
@@ -66,10 +66,11 @@ def job_failure(api, namespace: str, job: dict) -> Failure:
     reason = next((c.get("message") or c.get("reason", "") for c in job["status"]["conditions"]
                    if c.get("type") == "Failed"), "") or "the Job failed"
     pods = api.job_pods(namespace, job["metadata"]["name"])
-    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-                    for p in pods for c in (p.get("status") or {}).get("conditions") or [])
     ended = [t for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or []
              if (t := (cs.get("state") or {}).get("terminated") or {}).get("exitCode")]
+    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+                    for p in pods for c in (p.get("status") or {}).get("conditions") or []) \
+        or any(t["exitCode"] == EXIT_STOPPED for t in ended)  # a peer stopped on SIGTERM with its step saved
     if not ended:
         return Failure(None, reason, disrupted)
     term = min(ended, key=lambda t: t["exitCode"] not in PERMANENT)  # the first permanent one, else the first

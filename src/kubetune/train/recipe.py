@@ -29,7 +29,7 @@ from kubetune.spec import FineTuneJob, load_job
 from kubetune.storage import Mirror
 from kubetune.train import batching, dpo, extensions
 from kubetune.train.bookkeeping import Bookkeeper, Cost
-from kubetune.errors import EXIT_DIVERGED, KubetuneError, Transient
+from kubetune.errors import EXIT_DIVERGED, EXIT_STOPPED, KubetuneError, Transient
 from kubetune.train.flops import Shape, shape_of
 from kubetune.train.distributed import Preemption, is_node_leader
 from kubetune.train.export import export_model
@@ -44,7 +44,11 @@ class TrainingDiverged(KubetuneError):
 
 
 class Preempted(Transient):
-    """Stopped on SIGTERM after checkpointing the last finished step: the next attempt resumes there."""
+    """Stopped on SIGTERM after checkpointing the last finished step: the pod that follows resumes there. Its
+    exit code is not a failure to the Job (podFailurePolicy), whoever sent it: Kueue suspending the Job deletes
+    its pods without marking them disrupted."""
+
+    exit_code = EXIT_STOPPED
 
 
 def deepspeed_config(job: FineTuneJob, plan: BatchPlan, bf16: bool) -> dict:

@@ -1,0 +1,158 @@
+"""A shared cluster for real: FineTuneJobs queued by Kueue itself (built from its Go module and started by
+scripts/e2e.sh with scripts/kueue.sh), as two teams meet it.
+
+hack/kueue/queues.yaml: ClusterQueues team-a and team-b in one cohort, LocalQueues team-a in TEAM_A and team-b in
+TEAM_B; team-a's quota holds one of these jobs' pods at a time and lends what it does not use, team-b's is smaller
+than a training pod, so a team-b job runs only on quota borrowed from team-a. WorkloadPriorityClasses low and high.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+
+import pytest
+
+from e2e_cluster import (bucket, create_credentials, get_json, job_pods, kubectl, log, log_from_step, last_step,
+                         small_job, wait_for)
+from e2e_cluster import namespace, operator_release, s3  # noqa: F401  (the session's fixtures)
+from conftest import EXAMPLES
+
+TEAM_A, TEAM_B = "e2e-team-a", "e2e-team-b"  # scripts/e2e.sh: scripts/kueue.sh up e2e-team-a e2e-team-b
+DATA = "s3://kubetune/queues/"
+pytestmark = [pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def kueue(s3, operator_release):  # noqa: F811
+    """Kueue is running and both teams' namespaces are ready; the cluster's CPU is left to the queued jobs."""
+    if kubectl("get", "crd", "workloads.kueue.x-k8s.io", check=False).returncode:
+        pytest.fail("Kueue is not installed: scripts/e2e.sh starts it (scripts/kueue.sh up e2e-team-a e2e-team-b)")
+    for ns in (TEAM_A, TEAM_B):
+        kubectl("label", "--overwrite", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+        create_credentials(ns)
+    kubectl("delete", "ftj", "--all", "--all-namespaces", "--timeout=180s")  # earlier tests' endpoints hold CPU
+    client = bucket(s3)
+    client.put_object(Bucket="kubetune", Key="queues/chats.jsonl",
+                      Body=(EXAMPLES / "data" / "support-chat.jsonl").read_bytes())
+
+
+def queued_job(s3_url: str, name: str, team: str, priority: str | None = None, **training) -> dict:
+    """A one-pod CPU job in a team's LocalQueue: training pod 900m, prepare pod 500m (team-a fits one at a time)."""
+    doc = small_job(s3_url, name, DATA, checkpointEvery=1000, evalEvery=1000, **training)
+    doc["spec"]["queue"] = {"name": team, **({"priorityClass": priority} if priority else {})}
+    doc["spec"]["resources"]["prepare"] = {"cpu": "500m", "memory": "1Gi"}
+    doc["spec"]["output"]["uri"] = f"s3://kubetune/queues/out/{name}/"
+    return doc
+
+
+def status_of(ns: str, name: str) -> dict:
+    return get_json("ftj", name, "-n", ns).get("status") or {}
+
+
+def finished(ns: str, name: str) -> dict | None:
+    st = status_of(ns, name)
+    return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+
+def admitted_cpu(queue: str) -> tuple[int, float]:
+    """A ClusterQueue's admitted Workloads and the CPU it borrows now (Kueue's own status)."""
+    st = get_json("clusterqueue", queue).get("status") or {}
+    borrowed = [r.get("borrowed", "0") for f in st.get("flavorsReservation") or [] for r in f.get("resources") or []
+                if r.get("name") == "cpu"]
+    return int(st.get("admittedWorkloads") or 0), sum(_cpu(b) for b in borrowed)
+
+
+def _cpu(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def final_losses(s3_url: str, name: str) -> dict:
+    body = bucket(s3_url).get_object(Bucket="kubetune", Key=f"queues/out/{name}/metrics.csv")["Body"].read().decode()
+    last = list(csv.DictReader(io.StringIO(body)))[-1]
+    return {k: float(last[k]) for k in ("step", "train_loss", "valid_loss") if last.get(k)}
+
+
+def watch(names: list[tuple[str, str]], seconds: float, done) -> dict:
+    """Poll the jobs (ns, name) until done(); per job, every (reason, message) seen, and team-a's most admitted."""
+    seen, most, deadline = {n: [] for _, n in names}, 0, time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, f"timed out after {seconds:.0f}s: {seen}"
+        for ns, name in names:
+            st = status_of(ns, name)
+            if st.get("reason") and (st["reason"], st.get("message")) not in seen[name]:
+                seen[name].append((st["reason"], st.get("message")))
+            assert st.get("phase") != "Failed", (name, st.get("message"))
+        most = max(most, admitted_cpu("team-a")[0])
+        time.sleep(1)
+    return {"seen": seen, "most_admitted": most}
+
+
+def test_three_jobs_queue_in_order_a_team_borrows_and_a_high_priority_job_preempts(s3, kueue):  # noqa: F811
+    # 1. Three jobs at once into team-a, whose quota fits one pod: one after another, in the order submitted;
+    # the waiting ones say what Kueue says.
+    started = time.monotonic()
+    names = ["first", "second", "third"]
+    for i, name in enumerate(names):
+        steps = 40 if name == "first" else 10  # "first" is also the uninterrupted run the preempted one must match
+        kubectl("apply", "-n", TEAM_A, "-f", "-", input=json.dumps(queued_job(s3, name, "team-a", "low", maxSteps=steps)))
+        time.sleep(1.5)  # Kueue orders equal priorities by creation time (1 s resolution)
+    watched = watch([(TEAM_A, n) for n in names], 900, lambda: all(finished(TEAM_A, n) for n in names))
+    statuses = {n: finished(TEAM_A, n) for n in names}
+    assert all(s["phase"] == "Succeeded" for s in statuses.values()), statuses
+    assert watched["most_admitted"] == 1, watched  # never two of them admitted at once
+    for name in names[1:]:
+        queued = [m for r, m in watched["seen"][name] if r == "Queued"]
+        assert any("insufficient unused quota for cpu" in m for m in queued), watched["seen"][name]
+    ends = [statuses[n]["completionTime"] for n in names]
+    admitted = [statuses[n]["admittedAt"] for n in names]
+    assert ends == sorted(ends) and admitted == sorted(admitted), (ends, admitted)
+    log(f"three jobs in team-a, one at a time in order, {time.monotonic() - started:.0f}s; waiting said: "
+        f"{next(m for r, m in watched['seen']['third'] if r == 'Queued')}")
+
+    # 2. A team-b job larger than team-b's quota runs on quota borrowed from idle team-a.
+    kubectl("apply", "-n", TEAM_B, "-f", "-", input=json.dumps(queued_job(s3, "borrower", "team-b", maxSteps=10)))
+    borrowed = wait_for(lambda: admitted_cpu("team-b")[1], 600, "team-b to borrow CPU", interval=0.5)
+    assert wait_for(lambda: finished(TEAM_B, "borrower"), 600, "borrower to finish")["phase"] == "Succeeded"
+    log(f"borrower (team-b) ran on {borrowed:g} CPU borrowed from team-a")
+
+    # 3. A high-priority job preempts a running low-priority gang: the victim checkpoints on SIGTERM, waits, is
+    # admitted again, resumes where it stopped with no step redone and no retry used, and ends like "first".
+    kubectl("apply", "-n", TEAM_A, "-f", "-", input=json.dumps(queued_job(s3, "victim", "team-a", "low", maxSteps=40)))
+    pod = wait_for(lambda: (lambda p: p[0]["metadata"]["name"] if p else None)(job_pods(TEAM_A, "victim-train-0")),
+                   600, "the victim's training pod")
+    wait_for(lambda: log_from_step(TEAM_A, pod, 10), 600, "victim at step 10", interval=0.5)
+    preempted_at = time.monotonic()
+    kubectl("apply", "-n", TEAM_A, "-f", "-", input=json.dumps(queued_job(s3, "urgent", "team-a", "high", maxSteps=10)))
+    stopped = last_step(wait_for(lambda: _final_log(TEAM_A, pod), 300, "the victim's pod to stop"))
+    preempted = wait_for(lambda: (lambda s: s if s.get("reason") == "Preempted" else None)(status_of(TEAM_A, "victim")),
+                         300, "the victim to say it was preempted")
+    assert "preempted by Kueue (Preempted:" in preempted["message"] and f"{stopped} steps kept" in preempted["message"]
+    events = get_json("events", "-n", TEAM_A, "--field-selector", "involvedObject.name=victim")["items"]
+    assert any(e["reason"] == "Preempted" and "steps kept" in e["message"] for e in events), events
+    watched = watch([(TEAM_A, "urgent"), (TEAM_A, "victim")], 900, lambda: finished(TEAM_A, "urgent"))
+    assert finished(TEAM_A, "urgent")["phase"] == "Succeeded"
+    victim = wait_for(lambda: finished(TEAM_A, "victim"), 900, "the victim to finish")
+    waited = time.monotonic() - preempted_at
+    assert victim["phase"] == "Succeeded" and not victim.get("retries") and victim["trainingJob"] == "victim-train-0"
+    resumed = wait_for(lambda: next((m for p in job_pods(TEAM_A, "victim-train-0") for m in re.findall(
+        r"resuming from the complete checkpoint at step (\d+)", kubectl("logs", "-n", TEAM_A, p["metadata"]["name"],
+                                                                        check=False).stdout)), None), 60, "the resume line")
+    redone = stopped - int(resumed)
+    assert redone == 0, (stopped, resumed)
+    ours, reference = final_losses(s3, "victim"), final_losses(s3, "first")
+    assert ours["step"] == reference["step"] == 40
+    assert ours["train_loss"] == pytest.approx(reference["train_loss"], abs=1e-6), (ours, reference)
+    assert ours["valid_loss"] == pytest.approx(reference["valid_loss"], abs=1e-6), (ours, reference)
+    log(f"victim preempted at step {stopped} ({preempted['message']}); urgent ran; victim readmitted and resumed at "
+        f"step {resumed}: {redone} steps redone, 0 retries, {waited:.0f}s from preemption to the end; final losses "
+        f"{ours} = uninterrupted {reference}")
+
+
+def _final_log(ns: str, pod: str) -> str | None:
+    """The pod's log once its trainer has stopped on SIGTERM (the pod may be gone already: then None, retried)."""
+    run = kubectl("logs", "-n", ns, pod, check=False)
+    return run.stdout if not run.returncode and "stopped by SIGTERM" in run.stdout else None
