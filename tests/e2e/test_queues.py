@@ -12,12 +12,13 @@ import csv
 import io
 import json
 import re
+import subprocess
 import time
 
 import pytest
 
-from e2e_cluster import (bucket, create_credentials, get_json, job_pods, kubectl, log, log_from_step, last_step,
-                         small_job, wait_for)
+from e2e_cluster import (bucket, create_credentials, env, get_json, job_pods, kubectl, log, log_from_step, small_job,
+                         wait_for)
 from e2e_cluster import namespace, operator_release, s3  # noqa: F401  (the session's fixtures)
 from conftest import EXAMPLES
 
@@ -125,9 +126,14 @@ def test_three_jobs_queue_in_order_a_team_borrows_and_a_high_priority_job_preemp
     pod = wait_for(lambda: (lambda p: p[0]["metadata"]["name"] if p else None)(job_pods(TEAM_A, "victim-train-0")),
                    600, "the victim's training pod")
     wait_for(lambda: log_from_step(TEAM_A, pod, 10), 600, "victim at step 10", interval=0.5)
+    follow = subprocess.Popen(["kubectl", "logs", "-f", "-n", TEAM_A, pod], env=env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # ends when its container does
     preempted_at = time.monotonic()
     kubectl("apply", "-n", TEAM_A, "-f", "-", input=json.dumps(queued_job(s3, "urgent", "team-a", "high", maxSteps=10)))
-    stopped = last_step(wait_for(lambda: _final_log(TEAM_A, pod), 300, "the victim's pod to stop"))
+    tail = follow.communicate(timeout=300)[0]
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", tail)
+    assert stopped, tail[-3000:]
+    stopped = int(stopped.group(1))
     preempted = wait_for(lambda: (lambda s: s if s.get("reason") == "Preempted" else None)(status_of(TEAM_A, "victim")),
                          300, "the victim to say it was preempted")
     assert "preempted by Kueue (Preempted:" in preempted["message"] and f"{stopped} steps kept" in preempted["message"]
@@ -150,9 +156,3 @@ def test_three_jobs_queue_in_order_a_team_borrows_and_a_high_priority_job_preemp
     log(f"victim preempted at step {stopped} ({preempted['message']}); urgent ran; victim readmitted and resumed at "
         f"step {resumed}: {redone} steps redone, 0 retries, {waited:.0f}s from preemption to the end; final losses "
         f"{ours} = uninterrupted {reference}")
-
-
-def _final_log(ns: str, pod: str) -> str | None:
-    """The pod's log once its trainer has stopped on SIGTERM (the pod may be gone already: then None, retried)."""
-    run = kubectl("logs", "-n", ns, pod, check=False)
-    return run.stdout if not run.returncode and "stopped by SIGTERM" in run.stdout else None
