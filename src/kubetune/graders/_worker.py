@@ -52,7 +52,7 @@ def cpu_for_next(seconds):
 
 def describe(e):
     lines = traceback.format_exception(type(e), e, e.__traceback__)
-    keep = [lines[0]] + [line for line in lines[1:] if '"<grader>"' in line or not line.startswith("  File")]
+    keep = [lines[0]] + [line for line in lines[1:] if line.startswith('  File "<grader>"') or not line.startswith("  File")]
     return "".join(keep)[-2000:]
 
 

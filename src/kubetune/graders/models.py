@@ -204,8 +204,13 @@ def parse_grader(value: object) -> Grader:
         error = e.errors()[0]
         inner = (error.get("ctx") or {}).get("error")
         relative = inner.param if isinstance(inner, GraderError) else None  # a check naming its own field
-        param = _param(error["loc"], relative)
         message = str(inner) if relative else error["msg"].removeprefix("Value error, ")
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            relative = "type"
+            tag = (error.get("ctx") or {}).get("tag")
+            message = f"unknown grader type {tag!r}" if tag else "type is required"
+            message += f" (one of {', '.join(TYPES[:-1] if error['loc'] else TYPES)})"
+        param = _param(error["loc"], relative)
         raise GraderError(f"{param}: {message}", param) from None
 
 

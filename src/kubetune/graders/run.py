@@ -164,7 +164,8 @@ class Runner:
 
     def _model(self, g: ScoreModelGrader, sample: Sample, item: dict, errors: GradeErrors, usage: dict) -> float:
         endpoint = self._endpoint(g.model)
-        reply = ask(endpoint, request_body(g, chat_messages(g, sample, item), endpoint.model or g.model))
+        reply = ask(endpoint, request_body(g, chat_messages(g, sample, item),
+                                              g.model if endpoint.model is None else endpoint.model))
         if reply.usage:
             total = usage.setdefault(g.model, {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
                                                "cached_tokens": 0})

@@ -28,7 +28,9 @@ class ModelEndpoint:
     base_url: str
     api_key: str | None = field(default=None, repr=False)
     timeout: float = 120.0
-    model: str | None = None  # the name the endpoint knows the model by, if not the grader's
+    # The name to send: None sends the grader's model; "" sends none, which a job's serving endpoint (one
+    # model, named after its folder) takes as its own model, as the API's chat forwarding does.
+    model: str | None = None
 
 
 @dataclass
@@ -59,7 +61,7 @@ def _content(message: Message, sample: Sample, item: dict) -> str | list[dict]:
 
 
 def request_body(grader: ScoreModelGrader, messages: list[dict], model: str) -> dict:
-    body: dict = {"model": model, "messages": messages}
+    body: dict = {"model": model, "messages": messages} if model else {"messages": messages}
     p = grader.sampling_params
     if p:
         extra = {"temperature": p.temperature, "top_p": p.top_p, "seed": p.seed, "reasoning_effort": p.reasoning_effort,
