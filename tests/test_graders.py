@@ -52,7 +52,8 @@ def refused(grader: dict) -> GraderError:
     ("like", "It is Paris.", 1.0), ("like", "It is paris.", 0.0), ("ilike", "IT IS PARIS", 1.0), ("ilike", "Lyon", 0.0),
 ])
 def test_string_check_operations(operation, sample, expected):
-    assert reward(check("{{sample.output_text}}", "{{item.answer}}", operation), sample, {"answer": "Paris"}) == expected
+    g = check("{{sample.output_text}}", "{{item.answer}}", operation)
+    assert reward(g, sample, {"answer": "Paris"}) == expected
 
 
 def similarity(metric: str) -> dict:
@@ -214,7 +215,8 @@ def test_python_grader_errors_are_reported_and_the_batch_goes_on():
 
 def test_python_grader_source_must_define_grade():
     for source, why in [("def grad(sample, item): return 1", "must define a top-level function grade"),
-                        ("def grade(sample): return 1", "two arguments"), ("def grade(s, i) return", "not valid Python"),
+                        ("def grade(sample): return 1", "two arguments"),
+                        ("def grade(s, i) return", "not valid Python"),
                         ("x" * (256 * 1024 + 1), "at most 262144")]:
         e = refused(python(source))
         assert e.param == "grader.source" and why in str(e), str(e)
@@ -419,7 +421,8 @@ def test_score_model_messages_with_content_parts(chat_server):
 
 def test_multi_with_a_score_model_and_a_python_grader(chat_server):
     g = parse_grader(multi("0.5 * judge / 10 + 0.5 * length", judge=judge(),
-                           length=python("def grade(sample, item):\n    return min(len(sample['output_text']) / 10, 1)")))
+                           length=python("def grade(sample, item):\n"
+                                         "    return min(len(sample['output_text']) / 10, 1)")))
     result = grade(g, "Paris", {"answer": "Paris", "reply": "8"}, {"judge-1": ModelEndpoint(chat_server.url)},
                    limits=FAST)
     assert result.sub_rewards == {"judge": 8.0, "length": 0.5} and result.reward == pytest.approx(0.65)

@@ -3,7 +3,8 @@
 
 Both need a caller who may create fine-tuning jobs in the project: graders are there to make RFT jobs,
 and running one costs this server's CPU. A score_model grader's model must be a fine-tuned model the
-project serves (as for chat): this server sends requests only to its own jobs' endpoints. Python graders
+project serves, and the caller one who may get its job (as for chat): this server sends requests only to
+its own jobs' endpoints. Python graders
 are validated here but run only in a job's pod, under the job's own ServiceAccount: here they would run
 beside this server's credentials (its ServiceAccount token, its storage keys, its TLS key), which no
 sandbox without namespaces keeps from them.
@@ -44,6 +45,8 @@ class GraderRoutes:
             raise RequestError(400, "python graders run only in fine-tuning jobs (in the job's pod, under its "
                                "ServiceAccount), not on this API server; /validate checks them", "grader",
                                "unsupported_grader")
+        if score_models(grader):  # a model the project serves answers those who may get its job, as for chat
+            await self.caller(request, "get")
         endpoints = {m: await asyncio.to_thread(self._endpoint, namespace, m) for m in score_models(grader)}
         try:
             result = await asyncio.to_thread(grade, grader, sample, item, endpoints)

@@ -2,9 +2,10 @@
 syntax and evaluated without ``eval``.
 
 Allowed: numbers, sub-grader names, + - * /, ** and ^ (both power, with power's precedence: ^ is read
-as **, as a formula means it, not as Python's xor), unary minus, parentheses, and min, max, abs, sqrt, log, exp, floor, ceil. Everything is computed in floats,
-so a power costs constant time (Python's integers would compute 9**9**9 digit by digit); a constant
-exponent above MAX_EXPONENT is refused up front all the same, as it can only overflow.
+as **, as a formula means it, not as Python's xor), unary minus, parentheses, and min, max, abs, sqrt,
+log, exp, floor, ceil. Everything is computed in floats, so a power costs constant time (Python's
+integers would compute 9**9**9 digit by digit); a constant exponent above MAX_EXPONENT is refused up
+front all the same, as it can only overflow.
 """
 
 from __future__ import annotations
