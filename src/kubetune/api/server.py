@@ -4,6 +4,7 @@
     POST/GET /v1/fine_tuning/jobs, GET /v1/fine_tuning/jobs/{id}
     POST /v1/fine_tuning/jobs/{id}/cancel | pause | resume
     GET  /v1/fine_tuning/jobs/{id}/events | checkpoints
+    POST /v1/fine_tuning/alpha/graders/run | validate   OpenAI's grader endpoints (graders.py)
     POST /v1/chat/completions   passed on to the serving endpoint of the job named by ``model``
     GET  /v1/models             the project's served fine-tuned models
     GET  /healthz
@@ -29,6 +30,7 @@ from aiohttp import ClientConnectorError, ClientResponse, ClientSession, ClientT
 from kubetune.api import jobs as J
 from kubetune.api.access import Access, Limits
 from kubetune.api.files import FileStore, public
+from kubetune.api.graders import GraderRoutes
 from kubetune.openai_errors import RequestError, error_response, middleware
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL, Storage
 from kubetune.storage import AccessDenied, BucketMissing, NotFound, StorageError, Unavailable, join, store_for
@@ -378,7 +380,7 @@ def make_app(settings: J.ApiSettings, kube=None, access: Access | None = None,
         return web.json_response({"status": "ok"})
 
     app.cleanup_ctx.append(session)
-    jobs = "/v1/fine_tuning/jobs"
+    jobs, graders = "/v1/fine_tuning/jobs", GraderRoutes(api.caller, api._ftj)
     app.add_routes([
         web.post("/v1/files", api.upload), web.get("/v1/files", api.list_files),
         web.get("/v1/files/{id}", api.get_file), web.delete("/v1/files/{id}", api.delete_file),
@@ -386,6 +388,8 @@ def make_app(settings: J.ApiSettings, kube=None, access: Access | None = None,
         web.post(jobs, api.create_job), web.get(jobs, api.list_jobs), web.get(jobs + "/{id}", api.get_job),
         web.post(jobs + "/{id}/{action:cancel|pause|resume}", api.job_action),
         web.get(jobs + "/{id}/events", api.job_events), web.get(jobs + "/{id}/checkpoints", api.job_checkpoints),
+        web.post("/v1/fine_tuning/alpha/graders/run", graders.run),
+        web.post("/v1/fine_tuning/alpha/graders/validate", graders.validate),
         web.post("/v1/chat/completions", api.chat), web.get("/v1/models", api.models),
         web.get("/healthz", healthz),
     ])
