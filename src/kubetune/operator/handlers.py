@@ -31,6 +31,8 @@ from kubetune.operator.settings import Settings
 from kubetune.spec import API_GROUP, API_VERSION
 
 FTJ = (API_GROUP, API_VERSION, "finetunejobs")
+KUEUE_WAITING = ("Queued", "Preempting", "Preempted")
+KUEUE_RECHECK_SECONDS = 15  # how stale a waiting job's Kueue message may get (one Workload list per job)
 _locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 _seen_errors: set[str] = set()
 _written: dict[str, str] = {}  # job → the resourceVersion of this operator's last status write
@@ -125,7 +127,9 @@ def sync(memo: kopf.Memo, namespace: str, name: str, logger, seen: dict | None =
             _written[key] = memo.api.patch_ftj_status(namespace, name, changed)
         metrics.observe(namespace, name, outcome.phase)
         stall_in = seconds_to_stall(body) if outcome.phase == Phase.TRAINING else None
-        if stall_in is not None:
+        if outcome.reason in KUEUE_WAITING:  # Kueue updates its Workload, not the Job: read its words again later
+            memo.rechecks.after(namespace, name, KUEUE_RECHECK_SECONDS)
+        elif stall_in is not None:
             memo.rechecks.after(namespace, name, stall_in + 1)
         if previous.get("phase") != outcome.phase or previous.get("reason") != outcome.reason:
             event = kopf.warn if outcome.phase == Phase.FAILED else kopf.info
