@@ -28,6 +28,9 @@ def _structural(node: Any, defs: dict) -> Any:
         merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
         return _structural(merged, defs)
     node = dict(node)
+    if node.get("x-kubernetes-preserve-unknown-fields") and "oneOf" in node:
+        # A union on a tag (training.rft.grader): an open object here, validated by the models themselves.
+        return {k: node[k] for k in ("type", "description", "x-kubernetes-preserve-unknown-fields") if k in node}
     options = node.pop("anyOf", None)
     if options is not None:
         real = [o for o in options if o.get("type") != "null"]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from kubetune.errors import KubetuneError
+from kubetune.graders.models import Grader
 
 API_GROUP = "kubetune.dev"
 API_VERSION = "v1alpha1"
@@ -39,8 +40,10 @@ IMAGE = r"^\S+$"  # container images: no whitespace
 TOLERATION_KEY = f"^({LABEL_KEY[1:-1]})?$"  # empty: every taint (with operator: Exists)
 DURATION = r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"  # Go's time.Duration form, as kubectl and Kueue write them: 30m, 1h30m, 90s
 CHECKPOINT_REF = r"^(last|best|step-[0-9]+)$"
-VALIDATION_METRICS = ("valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy")
-ValidationMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy"]
+VALIDATION_METRICS = ("valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy",
+                      "valid_reward")
+ValidationMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy",
+                           "valid_reward"]
 Uri = Annotated[str, Field(min_length=1, max_length=4096)]
 Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
 
@@ -161,17 +164,40 @@ class Dpo(_Model):
                               "the DPO loss.")
 
 
+class Rft(_Model):
+    """Reinforcement fine-tuning settings (objective: rft only): GRPO, each prompt's samples scored by the grader
+    and compared with each other."""
+
+    # The grader is OpenAI's object, a union on its ``type``: the CRD keeps it as an open object (a structural
+    # schema cannot say oneOf), and the CLI and the operator validate it with these models.
+    grader: Grader = Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
+                           description="An OpenAI grader object (string_check, text_similarity, python, score_model "
+                           "or multi) that scores each sampled answer; its templates read {{sample.output_text}} and "
+                           "{{item.FIELD}} (the data line's other fields).")
+    samples_per_prompt: int = Field(4, ge=2, le=64, description="Answers sampled per prompt; each one's advantage "
+                                    "is its reward against the mean and spread of its group.")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Longest sampled answer in tokens.")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature.")
+    kl_coef: float = Field(0.04, ge=0, le=10, description="Weight of the KL penalty to the base "
+                           "model (0: no reference model); TRL's beta.")
+    clip_epsilon: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio to the "
+                                "sampling policy.")
+
+
 class Training(_Model):
     """Fine-tuning hyperparameters."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
         "rule": "!has(self.lora) || !has(self.method) || self.method == 'lora'",
-        "message": "lora settings are only allowed with method: lora"}]})
+        "message": "lora settings are only allowed with method: lora"}, {
+        "rule": "has(self.rft) == (has(self.objective) && self.objective == 'rft')",
+        "message": "training.rft goes with objective: rft, and objective: rft needs training.rft with a grader"}]})
 
     method: Literal["lora", "full"] = Field("lora", description="lora trains adapters; full trains every weight.")
-    objective: Literal["sft", "dpo"] = Field(
+    objective: Literal["sft", "dpo", "rft"] = Field(
         "sft", description="sft: supervised fine-tuning on assistant turns; dpo: Direct Preference Optimization on "
-        "preferred/non-preferred answer pairs.")
+        "preferred/non-preferred answer pairs; rft: reinforcement fine-tuning (GRPO) of answers sampled for "
+        "prompts, scored by training.rft.grader.")
     epochs: int = Field(3, ge=1, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate; default 2e-4 for lora, 2e-5 for full.")
@@ -205,6 +231,7 @@ class Training(_Model):
     early_stopping: EarlyStopping | None = Field(None, description="Stop when the validation metric stops improving.")
     lora: Lora | None = Field(None, description="LoRA settings; defaults apply when method is lora.")
     dpo: Dpo | None = Field(None, description="DPO settings; defaults apply when objective is dpo.")
+    rft: Rft | None = Field(None, description="Reinforcement fine-tuning settings; required when objective is rft.")
 
     @model_validator(mode="after")
     def _method_defaults(self) -> Training:
@@ -214,9 +241,22 @@ class Training(_Model):
             self.lora = Lora()
         if self.objective == "dpo" and self.dpo is None:
             self.dpo = Dpo()
+        self._rft_settings()
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATE[self.method]
         return self
+
+    def _rft_settings(self) -> None:
+        if self.rft is not None and self.objective != "rft":
+            raise ValueError("rft settings are only allowed with objective: rft")
+        if self.objective != "rft":
+            return
+        if self.rft is None:
+            raise ValueError("objective: rft needs training.rft with a grader")
+        if "best_metric" not in self.model_fields_set:
+            self.best_metric = "valid_reward"  # rft has no loss on held-out answers: the mean reward marks the best
+        elif self.best_metric != "valid_reward":
+            raise ValueError(f"bestMetric {self.best_metric} is not computed with objective: rft (use valid_reward)")
 
     @property
     def stall_timeout_seconds(self) -> float:
@@ -293,7 +333,8 @@ class Resources(_Model):
 
 
 GateMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy", "rouge_l",
-                     "bleu", "semantic_similarity", "repetition_rate", "distinct_1", "distinct_2", "empty_rate", "truncated_rate"]
+                     "bleu", "semantic_similarity", "repetition_rate", "distinct_1", "distinct_2", "empty_rate",
+                     "truncated_rate", "grader_score"]
 
 
 class Gate(_Model):

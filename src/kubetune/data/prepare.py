@@ -48,6 +48,7 @@ from kubetune.data.exclusions import Exclusions
 from kubetune.data.parallel import cpus, ordered_map
 from kubetune.data.readers import BadLine, is_data_file, iter_file
 from kubetune.data.records import Cleaned, Cleaner, text_of
+from kubetune.data.prompt_shards import PromptWriter, TokenizingPrompts
 from kubetune.data.shards import ShardWriter, Tokenizing
 from kubetune import newdata
 from kubetune.errors import KubetuneError
@@ -170,6 +171,7 @@ def prepare(job: FineTuneJob, log: Callable[[str], None] = print) -> dict:
             "objective": spec.training.objective,
             "seconds": round(time.monotonic() - started, 2),
             **({"dedup_index": exclusions.describe(trained)} if exclusions.stored else {}),
+            **({"rft": rft_summary(job, prepared)} if spec.training.objective == "rft" else {}),
         }
         meta = {"max_seq_length": pre.max_seq_length, "packing": pre.packing, "tokenizer": "tokenizer",
                 "vocab_size": len(tokenizer), "objective": spec.training.objective,
@@ -340,11 +342,44 @@ def _tokenizer_texts(kept: Kept, cap: int) -> Iterator[str]:
     for split, line in kept.lines():
         if split == "train":
             record = orjson.loads(line)
-            text = text_of(record["messages"], record.get("rejected"))[:cap]
+            # rft: the item's values too, so a from-config vocabulary has the answers a grader looks for
+            text = (text_of(record["messages"], record.get("rejected")) + item_text(record.get("item")))[:cap]
             yield text
             total += len(text)
             if total >= TOKENIZER_TRAINING_CHARS:
                 return
+
+
+def item_text(item: dict | None) -> str:
+    """An rft item's text values, one a line (nested ones flattened)."""
+    if not item:
+        return ""
+    values = item.values() if isinstance(item, dict) else item
+    return "".join("\n" + (v if isinstance(v, str) else item_text(v) if isinstance(v, (dict, list)) else str(v))
+                   for v in values)
+
+
+def rft_summary(job: FineTuneJob, prepared: Path) -> dict:
+    """objective rft: prompts per split and the item fields the grader reads, with how many values each has."""
+    from kubetune.data.prompts import has_field
+    from kubetune.data.records import referenced_fields
+
+    fields, prompts, values = sorted(referenced_fields(job.spec.training)), {}, {}
+    for path in sorted(prepared.glob("*.jsonl")):
+        records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        prompts[path.stem] = len(records)
+        for name in fields:
+            values.setdefault(name, Counter()).update(str(_field(r["item"], name))[:100] for r in records
+                                                      if has_field(r["item"], name))
+    return {"prompts": prompts, "grader": job.spec.training.rft.grader.name,
+            "item_fields": {name: {"distinct_values": len(values.get(name, ())),
+                                   "most_common": values.get(name, Counter()).most_common(5)} for name in fields}}
+
+
+def _field(item: dict, dotted: str):
+    for part in dotted.split("."):
+        item = item[part]
+    return item
 
 
 def _split(draws: np.ndarray, from_file: np.ndarray, fraction: float, has_file: bool) -> np.ndarray:
@@ -364,10 +399,15 @@ def tokenize_and_write(job: FineTuneJob, tokenizer, kept: Kept, prepared: Path, 
     split's statistics and files."""
     pre, pairs = job.spec.preprocessing, job.spec.training.objective == "dpo"
     names = ("train", "validation") + (("golden",) if kept.golden is not None and kept.golden.any() else ())
-    writers = {name: ShardWriter(prepared, name, pre.max_seq_length, pre.packing, pairs) for name in names}
+    if job.spec.training.objective == "rft":  # prompts, tokenized with the generation prompt, not packed
+        writers = {name: PromptWriter(prepared, name) for name in names}
+        tokenizing = TokenizingPrompts(tokenizer, pre.max_seq_length)
+    else:
+        writers = {name: ShardWriter(prepared, name, pre.max_seq_length, pre.packing, pairs) for name in names}
+        tokenizing = Tokenizing(tokenizer, pre.max_seq_length, pairs)
     splits: deque = deque()
     progress = _Progress("tokenized", 0, log, total_records=kept.count)
-    for chunk in ordered_map(Tokenizing(tokenizer, pre.max_seq_length, pairs), _split_chunks(kept, splits), workers):
+    for chunk in ordered_map(tokenizing, _split_chunks(kept, splits), workers):
         report.dropped.update(chunk.dropped)
         writers[splits.popleft()].add(chunk)
         progress.records(len(chunk.examples) + sum(chunk.dropped.values()), len(chunk.examples))

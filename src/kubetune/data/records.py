@@ -20,6 +20,7 @@ from kubetune.data.dedup import NearDedup, exact_key
 from kubetune.data.formats import FormatError, standardize, tools_of
 from kubetune.data.pii import Scrubber
 from kubetune.data.preference import standardize_pair
+from kubetune.data.prompts import prompt_problem, standardize_prompt
 from kubetune.data.readers import BadLine, RawLine, Record, parse_line
 from kubetune.data.reference import SKETCH_SEED, Sketcher, Sketches
 
@@ -51,6 +52,8 @@ class Cleaner:
         spec = job.spec
         self.pre, self.seed = spec.preprocessing, spec.training.seed
         self.fmt, self.pairs = spec.dataset.format, spec.training.objective == "dpo"
+        self.prompts = spec.training.objective == "rft"  # prompts with their items (kubetune.data.prompts)
+        self.fields = referenced_fields(spec.training)
         self.scrubber = Scrubber(self.pre.pii.redact, self.pre.pii.allow)
         d = self.pre.dedup
         self.near = NearDedup(d.near_threshold, d.ngram, d.num_perm, self.seed) if d.near else None
@@ -65,8 +68,13 @@ class Cleaner:
             if isinstance(item, BadLine):
                 out.bad.append(item)
                 continue
+            extra = {}
             try:
-                if self.pairs:  # a preference pair: messages end with the preferred answer
+                if self.prompts:
+                    messages, tools, item_fields = standardize_prompt(item.data, f"{item.file}:{item.line}",
+                                                                      self.fields)
+                    rejected, extra = None, {"item": item_fields}
+                elif self.pairs:  # a preference pair: messages end with the preferred answer
                     prompt, chosen, rejected, tools = standardize_pair(item.data)
                     messages = prompt + [chosen]
                 else:
@@ -82,7 +90,8 @@ class Cleaner:
                 messages = messages if rejected is not None else None
             if messages is not None:
                 out.examples.append(orjson.dumps({"messages": messages, **({"tools": tools} if tools else {}),
-                                                  **({"rejected": rejected} if rejected is not None else {})}))
+                                                  **({"rejected": rejected} if rejected is not None else {}),
+                                                  **extra}))
                 out.line_numbers.append(item.line)
                 texts.append(text_of(messages, rejected))
         self._fingerprint(out, texts)
@@ -108,7 +117,8 @@ class Cleaner:
             if m["content"] is not None:  # None: an assistant turn that only calls tools
                 m["content"] = self.scrubber.scrub(self._normalize(m["content"]))
             self._clean_calls(m)
-        problem = quality_problem(messages, self.pre.min_chars, self.pre.max_repetition)
+        problem = prompt_problem(messages) if self.prompts else quality_problem(messages, self.pre.min_chars,
+                                                                                 self.pre.max_repetition)
         if problem:
             dropped[problem] += 1
             return None
@@ -137,6 +147,15 @@ class Cleaner:
             fn = call["function"]
             fn["arguments"] = clean_arguments(fn["arguments"], normalize_text if self.pre.normalize else None,
                                               self.scrubber.scrub)
+
+
+def referenced_fields(training) -> set[str]:
+    """The item fields objective rft's grader reads (none for other objectives)."""
+    if training.objective != "rft":
+        return set()
+    from kubetune.graders import referenced_item_fields
+
+    return referenced_item_fields(training.rft.grader)
 
 
 def text_of(messages: list[dict], rejected: dict | None) -> str:

@@ -193,6 +193,10 @@ def _models(job: FineTuneJob, root: Path, scratch: Path, tokenizer, device: str)
 def _score_split(job: FineTuneJob, m: Models, tokenizer, root: Path, split: str, log: Callable[[str], None]) -> dict:
     """Every model on one split (validation or golden): its validation figures and (evaluation.samples) replies."""
     ev, t = job.spec.evaluation, job.spec.training
+    if t.objective == "rft":  # prompts and items, no reference answers: the grader scores the replies
+        from kubetune.evaluate.rft import score_prompts
+
+        return score_prompts(job, m.models, m.own, tokenizer, _records(root, split), split, generate, Prompt, log)
     pairs = held_out(_records(root, split), ev.samples, t.seed)
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     results, replies, notes = {}, {}, []

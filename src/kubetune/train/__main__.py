@@ -5,7 +5,19 @@ import sys
 import traceback
 
 from kubetune.errors import KubetuneError, cause, exit_code
-from kubetune.train.recipe import train
+from kubetune.spec import load_job
+
+
+def train(job_file: str) -> None:
+    """The recipe of the job's objective: rft has a loop of its own (sample, grade, update)."""
+    if load_job(job_file).spec.training.objective == "rft":
+        from kubetune.train.rft import train as train_rft
+
+        return train_rft(job_file)
+    from kubetune.train.recipe import train as train_recipe
+
+    return train_recipe(job_file)
+
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

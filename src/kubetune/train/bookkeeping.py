@@ -46,6 +46,12 @@ class Cost:
         return self.flops_per_token * tokens_per_s / (self.peak * self.gpus)
 
 
+def sub_grader_names(training) -> tuple[str, ...]:
+    """A multi grader's sub-graders (objective rft), whose rewards get columns of their own."""
+    grader = training.rft.grader if training.objective == "rft" else None
+    return tuple(getattr(grader, "graders", None) or ())
+
+
 def _rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -101,7 +107,8 @@ class Bookkeeper:
             # A resumed run may be on a new pod with an empty scratch: start from the metrics uploaded
             # with the checkpoint, else the rows before it would be lost from metrics.csv.
             self.metrics_dir.fetch("metrics.csv")
-        self.metrics_log = MetricsLog(self.metrics_dir.path, start, columns_for(self.job.spec.training.objective))
+        t = self.job.spec.training
+        self.metrics_log = MetricsLog(self.metrics_dir.path, start, columns_for(t.objective, sub_grader_names(t)))
         # The last progress record counts an attempt killed after its last checkpoint too.
         last = LocalSink(self.out, self.storage).last() or {}
         self.cost.before = max(marker.get("gpuHours") or 0.0, last.get("gpuHours") or 0.0)

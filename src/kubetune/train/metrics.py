@@ -16,8 +16,15 @@ COLUMNS = ["step", "epoch", "train_loss", "train_accuracy", "learning_rate", "to
 DPO_COLUMNS = COLUMNS[:-1] + ["pref_accuracy", "reward_margin", "valid_pref_accuracy", "valid_reward_margin",
                               "valid_logp_chosen", "valid_logp_rejected", "valid_logp_accuracy", "batch"]
 
+# objective: rft (kubetune.train.rft): rewards of the sampled answers, KL to the base, their length, samples/s
+RFT_COLUMNS = ["step", "epoch", "train_loss", "reward_mean", "reward_std", "kl", "completion_length", "clip_ratio",
+               "learning_rate", "tokens_per_second", "samples_per_second", "valid_reward", "batch"]
 
-def columns_for(objective: str) -> list[str]:
+
+def columns_for(objective: str, sub_graders: tuple[str, ...] = ()) -> list[str]:
+    """metrics.csv's columns; rft adds one reward column per sub-grader of a multi grader."""
+    if objective == "rft":
+        return RFT_COLUMNS[:-1] + [f"reward_{name}" for name in sub_graders] + ["batch"]
     return DPO_COLUMNS if objective == "dpo" else COLUMNS
 
 
@@ -68,6 +75,8 @@ class MetricsLog:
             pts = [(int(r["step"]), float(r[key])) for r in self.rows if r.get(key) not in ("", None)]
             return [p[0] for p in pts], [p[1] for p in pts]
 
+        if "reward_mean" in self.columns:
+            return self._plot_rewards(plt, series)
         dpo = "valid_pref_accuracy" in self.columns
         fig, axes = plt.subplots(1, 3 if dpo else 2, figsize=(16 if dpo else 11, 4))
         ax_loss, ax_acc = axes[:2]
@@ -98,13 +107,32 @@ class MetricsLog:
         plt.close(fig)
         return path
 
+    def _plot_rewards(self, plt, series) -> Path:
+        """objective rft: the loss, the rewards (training samples and held-out prompts) and the KL to the base."""
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+        axes[0].plot(*series("train_loss"), "-", label="train loss")
+        for key, style in (("reward_mean", "-"), ("valid_reward", "o-")):
+            axes[1].plot(*series(key), style, label=key.replace("_", " "))
+        axes[2].plot(*series("kl"), "-", label="kl")
+        axes[0].set(xlabel="step", ylabel="GRPO loss (per token)", title="Loss")
+        axes[1].set(xlabel="step", ylabel="grader reward", title="Rewards")
+        axes[2].set(xlabel="step", ylabel="KL to the base (k3, per token)", title="KL")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best")
+        fig.tight_layout()
+        path = self.folder / "loss_curve.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     def close(self) -> None:
         self.tb.close()
 
 
 def higher_is_better(metric: str) -> bool:
-    """Token and preference accuracy rise as a model gets better; losses and perplexity fall."""
-    return metric in ("valid_mean_token_accuracy", "valid_pref_accuracy")
+    """Token and preference accuracy and rewards rise as a model gets better; losses and perplexity fall."""
+    return metric in ("valid_mean_token_accuracy", "valid_pref_accuracy", "valid_reward")
 
 
 def improves(metric: str, value: float, best: float | None, min_delta: float = 0.0) -> bool:

@@ -32,7 +32,8 @@ class LocalSink:
         done = int(width * p.percent / 100)
         parts = [f"[{'#' * done}{'.' * (width - done)}] {p.percent:5.1f}%", f"step {p.step}/{p.total_steps}",
                  f"epoch {p.epoch}"]
-        for key in ("train_loss", "valid_loss", "valid_mean_token_accuracy", "valid_pref_accuracy"):
+        for key in ("train_loss", "valid_loss", "valid_mean_token_accuracy", "valid_pref_accuracy", "reward_mean",
+                    "valid_reward"):
             if p.metrics.get(key) is not None:
                 parts.append(f"{key} {p.metrics[key]:.4f}")
         if p.tokens_per_second:

@@ -1,0 +1,208 @@
+"""Reinforcement fine-tuning (training.objective: rft): the spec, preparation of prompts with their items, the
+GRPO math, generation agreeing with the packed scoring, and real DeepSpeed runs on CPU with a tiny from-config
+Llama: it learns to route examples/rft-labels.jsonl's tickets (its held-out grader score rises clearly above
+the base model's), and a run stopped by SIGTERM resumes on the same prompt batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import EXAMPLES, job_doc
+from kubetune.crd import spec_schema
+from kubetune.data.prepare import prepare
+from kubetune.data.prompts import MissingItemField
+from kubetune.errors import EXIT_INVALID, EXIT_STOPPED, exit_code
+from kubetune.evaluate.run import evaluate_job
+from kubetune.packed import IGNORE
+from kubetune.spec import SpecError, parse_job
+from kubetune.train import grpo
+from kubetune.train.launch import cpu_threads_env, torchrun_command
+from kubetune.train.plan import fingerprint, make_plan, step_rows
+
+GRADER = {"type": "string_check", "name": "team", "input": "{{sample.output_text}}", "reference": "{{item.label}}",
+          "operation": "eq"}
+
+
+def rft_doc(train: str, output: str, rft: dict | None = None, **training) -> dict:
+    return job_doc(train, output, preprocessing={"maxSeqLength": 128},
+                   training={"method": "full", "objective": "rft", "rft": {"grader": GRADER, **(rft or {})}, **training},
+                   evaluation={"samples": 0})
+
+
+# ---- spec ---------------------------------------------------------------------------------------------------
+
+def test_spec_defaults_and_errors_name_the_field(tmp_path):
+    t = parse_job(rft_doc("d.jsonl", "out")).spec.training
+    assert (t.rft.samples_per_prompt, t.rft.max_new_tokens, t.rft.temperature, t.rft.kl_coef, t.rft.clip_epsilon) == \
+        (4, 64, 1.0, 0.04, 0.2)
+    assert t.best_metric == "valid_reward" and t.rft.grader.type == "string_check"
+    cases = [({"samplesPerPrompt": 1}, "spec.training.rft.samplesPerPrompt"),
+             ({"grader": {**GRADER, "operation": "is"}}, "spec.training.rft.grader.string_check.operation"),
+             ({"grader": {**GRADER, "type": "nope"}}, "spec.training.rft.grader")]
+    for rft, field in cases:
+        with pytest.raises(SpecError) as e:
+            parse_job(rft_doc("d.jsonl", "out", rft))
+        assert e.value.problems[0].startswith(field), e.value.problems
+    doc = rft_doc("d.jsonl", "out")
+    del doc["spec"]["training"]["rft"]
+    with pytest.raises(SpecError, match="objective: rft needs training.rft"):
+        parse_job(doc)
+    with pytest.raises(SpecError, match="rft settings are only allowed with objective: rft"):
+        parse_job(rft_doc("d.jsonl", "out", objective="sft"))
+    with pytest.raises(SpecError, match="use valid_reward"):
+        parse_job(rft_doc("d.jsonl", "out", bestMetric="valid_loss"))
+
+
+def test_crd_keeps_the_grader_an_open_object():
+    rft = spec_schema()["properties"]["training"]["properties"]["rft"]["properties"]
+    assert rft["grader"]["type"] == "object" and rft["grader"]["x-kubernetes-preserve-unknown-fields"]
+    assert "oneOf" not in json.dumps(spec_schema())
+    assert parse_job(yaml.safe_load((EXAMPLES / "rft-job.yaml").read_text())).spec.training.objective == "rft"
+
+
+# ---- preparation -------------------------------------------------------------------------------------------
+
+def test_prepare_keeps_items_scrubs_prompts_and_counts_fields(tmp_path):
+    lines = [{"messages": [{"role": "user", "content": f"Ticket {i}: my invoice is wrong, mail me at ann{i}@x.org"}],
+              "label": "A", "meta": {"n": i}} for i in range(30)]
+    data = tmp_path / "p.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    job = parse_job(rft_doc(str(data), str(tmp_path / "out")))
+    report = prepare(job, log=lambda _: None)
+    assert report["objective"] == "rft" and sum(report["rft"]["prompts"].values()) == report["examples_in"] - \
+        report["duplicates"]["exact"] - report["duplicates"]["near"]
+    assert report["rft"]["item_fields"]["label"]["distinct_values"] == 1 and report["pii_redacted"]["email"] > 0
+    record = json.loads((tmp_path / "out" / "prepared" / "train.jsonl").read_text().splitlines()[0])
+    assert "<EMAIL>" in record["messages"][0]["content"] and record["item"]["label"] == "A" and "meta" in record["item"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    assert tok.decode(record["prompt_ids"]).endswith("<|im_start|>assistant\n")  # the generation prompt
+
+
+def test_a_line_missing_a_referenced_field_fails_naming_line_and_field(tmp_path):
+    data = tmp_path / "p.jsonl"
+    good = {"messages": [{"role": "user", "content": "my parcel is late, what now?"}], "label": "B"}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label": None} | {"x": 1}).replace(
+        '"label": null, ', "") + "\n")
+    with pytest.raises(MissingItemField) as e:
+        prepare(parse_job(rft_doc(str(data), str(tmp_path / "out"))), log=lambda _: None)
+    assert ":2:" in str(e.value) and "'label'" in str(e.value) and exit_code(e.value) == EXIT_INVALID == 3
+
+
+# ---- GRPO math ---------------------------------------------------------------------------------------------
+
+def test_group_advantages_and_loss():
+    adv = grpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5]), 4)
+    assert adv[:4].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-3)  # (r - 0.25) / std (unbiased 0.5)
+    assert adv[4:].abs().max() == 0  # a group that scored alike teaches nothing
+    logp, old = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.25]))  # ratio 2
+    loss, kl, clipped = grpo.token_losses(logp, old, None, torch.tensor([1.0, -1.0]), 0.2, 0.04)
+    assert loss.tolist() == pytest.approx([-1.2, 2.0]) and clipped.tolist() == [True, False] and kl.sum() == 0
+    ref = torch.log(torch.tensor([0.25, 0.5]))
+    _, kl, _ = grpo.token_losses(logp, logp, ref, torch.zeros(2), 0.2, 0.04)
+    assert kl.tolist() == pytest.approx([0.5 - torch.log(torch.tensor(0.5)).item() - 1, 0.0])  # k3
+    rows = grpo.completion_rows([[5, 6, 7]], [[8, 9]])
+    assert rows.labels[0].tolist() == [IGNORE] * 3 + [8, 9] and rows.label_at[0].tolist() == [2, 3]
+
+
+def test_padded_generation_agrees_with_packed_scoring(tmp_path):
+    """Greedy answers to prompts of different lengths, generated left-padded with the KV cache, are each token
+    the argmax of the packed forward pass that scores them: positions and masks line up."""
+    from kubetune.models import build_model, train_tokenizer
+    from kubetune.packed.head import forward_logps, install
+    from kubetune.packed.rows import collate
+    from kubetune.train import sampling
+
+    tok = train_tokenizer(["route the ticket about my parcel or invoice please"] * 20, 300)
+    job = parse_job(rft_doc("d.jsonl", "out"))
+    model = build_model(job, tok, None, torch.float32)
+    install(model)
+    prompts = [tok("route the ticket")["input_ids"], tok("my parcel or invoice please, route it")["input_ids"]]
+    done = sampling.sample(model, prompts, 1, 5, None, tok.pad_token_id, tok.eos_token_id, False)
+    batch = collate(grpo.completion_rows(prompts, done), [0, 1], tok.pad_token_id)
+    _, top = forward_logps(model, batch)
+    assert len(top) == sum(len(d) for d in done) and bool(top.all())
+
+
+# ---- real runs -----------------------------------------------------------------------------------------------
+
+def labels_job(tmp_path: Path, name: str, **training) -> Path:
+    """examples/rft-job.yaml, shortened for a test, its output under tmp_path."""
+    doc = yaml.safe_load((EXAMPLES / "rft-job.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["dataset"]["train"] = str(EXAMPLES / "rft-labels.jsonl")
+    doc["spec"]["output"]["uri"] = str(tmp_path / name)
+    doc["spec"]["training"].update(training)
+    doc["spec"]["evaluation"] = {"samples": 48, "gate": {"metric": "grader_score", "mustBeat": "base"}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    prepare(parse_job(doc), log=lambda _: None)
+    return path
+
+
+def run_ranks(job: Path, scratch: Path, nproc: int, timeout: int = 600) -> str:
+    env = {**os.environ, **cpu_threads_env(nproc), "KUBETUNE_SCRATCH": str(scratch)}
+    done = subprocess.run(torchrun_command(str(job), nproc), env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_rft_raises_the_held_out_grader_score_above_the_base_model(tmp_path):
+    """From random weights: the model first finds the team letters by sampling (about 1 sample in 100 at
+    first), then its greedy answers to held-out tickets score clearly better than the base model's."""
+    job = labels_job(tmp_path, "learn", maxSteps=30, learningRate=1e-2, checkpointEvery=30, evalEvery=30,
+                     rft={"grader": GRADER, "samplesPerPrompt": 8, "maxNewTokens": 1, "klCoef": 0.01})
+    run_ranks(job, tmp_path / "scratch", 1)
+    report = evaluate_job(parse_job(yaml.safe_load(job.read_text())), log=lambda _: None)
+    base, tuned = (report["metrics"][m]["grader_score"] for m in ("base", "fine_tuned"))
+    assert tuned >= base + 0.25, report["metrics"]
+    assert report["gate"]["passed"] and report["samples"] == 48
+    metrics = (tmp_path / "learn" / "metrics.csv").read_text().splitlines()
+    assert metrics[0].split(",")[:6] == ["step", "epoch", "train_loss", "reward_mean", "reward_std", "kl"]
+    rewards = [float(line.split(",")[3]) for line in metrics[1:]]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards  # training rewards rose too
+    assert (tmp_path / "learn" / "loss_curve.png").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_trains_on_the_same_prompt_batches(tmp_path):
+    """2 ranks, LoRA under ZeRO-3 (generation in step across ranks): SIGTERM after a step checkpoints it, the
+    rerun resumes there, and every step's prompts are the seeded plan's."""
+    job = labels_job(tmp_path, "resume", method="lora", zeroStage=3, maxSteps=30, checkpointEvery=100, evalEvery=100,
+                     globalBatchSize=4, microBatchSize=2,
+                     rft={"grader": GRADER, "samplesPerPrompt": 2, "maxNewTokens": 3})
+    out, scratch = tmp_path / "resume", tmp_path / "scratch"
+    env = {**os.environ, **cpu_threads_env(2), "KUBETUNE_SCRATCH": str(scratch)}
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "train-job", str(job), "--nproc-per-node=2",
+                             "--standalone"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "progress.json").exists() or json.loads((out / "progress.json").read_text())["step"] < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_STOPPED, log[-3000:]
+    step = int(next(line for line in log.splitlines() if "stopped by SIGTERM after step" in line)
+               .split("after step ")[1].split(",")[0])
+    assert 2 <= step < 30
+    rerun = run_ranks(job, scratch, 2)
+    assert f"resuming from the complete checkpoint at step {step}" in rerun
+    lines = (out / "metrics.csv").read_text().splitlines()
+    header, rows = lines[0].split(","), [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+    assert [r["step"] for r in rows] == [str(s) for s in range(1, 31)]
+    prompts = sum(1 for _ in open(out / "prepared" / "train.jsonl"))
+    plan = make_plan(prompts, 4, 2, 2, 3, 30)
+    assert [r["batch"] for r in rows] == [fingerprint(step_rows(plan, 42, s)) for s in range(30)]
+    assert "samples_per_second" in header and (out / "model").exists()
