@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -399,10 +399,7 @@ def train(job_file: str) -> None:
         rows = step_rows(plan, t.seed, step)
         metrics, stop = train_step(run, rows, micro_batches, preemption)
         done = step + 1
-        if not math.isfinite(metrics["train_loss"]):  # every rank sees the same reduced loss: all stop here
-            raise TrainingDiverged(
-                f"the training loss became {metrics['train_loss']} at step {done}; nothing of that step was saved "
-                f"(the last complete checkpoint is {book.latest_ckpt or 'none'}); try a lower training.learningRate")
+        check_finite(metrics, done, book)
         elapsed, timer = time.monotonic() - timer, time.monotonic()
         tokens_per_s = run.train_rows.tokens(rows) / elapsed
         book.cost.observe(run.step_flops(rows), run.train_rows.tokens(rows))
@@ -413,21 +410,43 @@ def train(job_file: str) -> None:
         row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 3), **metrics,
                "learning_rate": run.scheduler.get_last_lr()[0], "tokens_per_second": round(tokens_per_s, 1),
                "batch": fingerprint(rows)}
-        if done % t.eval_every == 0 or book.due(done):  # each checkpoint's marker keeps its validation metrics
-            metrics.update(evaluate(run))
-            row.update(metrics)
         eta = None if done == start + 1 and done < plan.total_steps else (plan.total_steps - done) * elapsed
-        book.after_step(engine, row, metrics, tokens_per_s, eta=eta)
-        if book.stopped_at:  # early stopping: every rank got rank 0's decision, and the checkpoint is written
+        if end_step(book, engine, done, row, metrics, tokens_per_s, eta, stop, lambda: evaluate(run)):
             break
-        if stop and done < plan.total_steps:
-            book.checkpoint(engine, done, tokens_per_s, eta=eta)
-            raise Preempted(f"stopped by SIGTERM after step {done}, with a complete checkpoint of it; "
-                            "the next attempt resumes there")
+    finish(book, run.rank, export, job.spec.output.uri, tokens_per_s)
 
+
+def check_finite(metrics: dict, done: int, book: Bookkeeper) -> None:
+    """Every rank sees the same reduced loss: all stop here on a NaN or an infinity."""
+    if not math.isfinite(metrics["train_loss"]):
+        raise TrainingDiverged(
+            f"the training loss became {metrics['train_loss']} at step {done}; nothing of that step was saved "
+            f"(the last complete checkpoint is {book.latest_ckpt or 'none'}); try a lower training.learningRate")
+
+
+def end_step(book: Bookkeeper, engine, done: int, row: dict, metrics: dict, tokens_per_s: float, eta: float | None,
+             stop: bool, validate: Callable[[], dict]) -> bool:
+    """After step ``done``: validation when due, the record, a SIGTERM's checkpoint (then Preempted). True when
+    training stops early (every rank got rank 0's decision, and the checkpoint is written)."""
+    t = book.job.spec.training
+    if done % t.eval_every == 0 or book.due(done):  # each checkpoint's marker keeps its validation metrics
+        metrics.update(validate())
+        row.update(metrics)
+    book.after_step(engine, row, metrics, tokens_per_s, eta=eta)
+    if book.stopped_at:
+        return True
+    if stop and done < book.plan.total_steps:
+        book.checkpoint(engine, done, tokens_per_s, eta=eta)
+        raise Preempted(f"stopped by SIGTERM after step {done}, with a complete checkpoint of it; "
+                        "the next attempt resumes there")
+    return False
+
+
+def finish(book: Bookkeeper, rank: int, export: Callable[[str], None], uri: str, tokens_per_s: float) -> None:
+    """The trained model exported, the ranks parted, the record closed."""
     book.report(book.total_steps, "exporting", tokens_per_s, 0, force=True)
-    export(job.spec.output.uri)
+    export(uri)
     dist.barrier()
     dist.destroy_process_group()
-    if run.rank == 0:
+    if rank == 0:
         book.close(tokens_per_s)

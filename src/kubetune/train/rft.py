@@ -38,8 +38,8 @@ from kubetune.train.distributed import Preemption
 from kubetune.train.export import export_model
 from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_batches, step_rows
 from kubetune.train.progress import report_start
-from kubetune.train.recipe import (Preempted, TrainingDiverged, check_objective, cost, deepspeed_config,
-                                   fetch_prepared, set_checkpointing, warmup_cosine)
+from kubetune.train.recipe import (check_finite, check_objective, cost, deepspeed_config, end_step, fetch_prepared,
+                                   finish, set_checkpointing, warmup_cosine)
 
 # Step totals, summed over ranks, in this order (then one per sub-grader, then the SIGTERM flag).
 FIELDS = ("loss", "tokens", "kl", "clipped", "reward", "reward_sq", "samples", "all_tokens")
@@ -243,29 +243,14 @@ def train(job_file: str) -> None:
         rows = step_rows(plan, t.seed, step)
         metrics, stop = rft_step(run, rows, preemption)
         done = step + 1
-        if not math.isfinite(metrics["train_loss"]):
-            raise TrainingDiverged(f"the training loss became {metrics['train_loss']} at step {done}; try a lower "
-                                   "training.learningRate")
+        check_finite(metrics, done, book)
         elapsed, timer = time.monotonic() - timer, time.monotonic()
         tokens_per_s = metrics.pop("all_tokens") / elapsed  # prompts and answers, as the model processed them
         metrics["samples_per_second"] = round(metrics.pop("samples") / elapsed, 2)
         row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 3), **metrics,
                "learning_rate": run.scheduler.get_last_lr()[0], "tokens_per_second": round(tokens_per_s, 1),
                "batch": fingerprint(rows)}
-        if done % t.eval_every == 0 or book.due(done):
-            metrics.update(validate(run))
-            row.update(metrics)
-        eta = (plan.total_steps - done) * elapsed
-        book.after_step(engine, row, metrics, tokens_per_s, eta=eta)
-        if book.stopped_at:
+        if end_step(book, engine, done, row, metrics, tokens_per_s, (plan.total_steps - done) * elapsed, stop,
+                    lambda: validate(run)):
             break
-        if stop and done < plan.total_steps:
-            book.checkpoint(engine, done, tokens_per_s, eta=eta)
-            raise Preempted(f"stopped by SIGTERM after step {done}, with a complete checkpoint of it; "
-                            "the next attempt resumes there")
-    book.report(book.total_steps, "exporting", tokens_per_s, 0, force=True)
-    export(job.spec.output.uri)
-    dist.barrier()
-    dist.destroy_process_group()
-    if run.rank == 0:
-        book.close(tokens_per_s)
+    finish(book, run.rank, export, job.spec.output.uri, tokens_per_s)
