@@ -183,21 +183,28 @@ class Run:
         return batching.prefetch(collated())
 
 
-def setup(job: FineTuneJob) -> Run:
+def start_ranks(job: FineTuneJob) -> tuple:
+    """Every rank's start: the ops built, the process group joined; (rank, world, on_gpu, bf16, dtype, device,
+    scratch folder)."""
     import deepspeed
-    from transformers import AutoTokenizer
 
-    spec, t = job.spec, job.spec.training
     extensions.build_ops()  # first, under a lock a killed run cannot leave stuck (see extensions)
     deepspeed.init_distributed()  # nccl on GPUs, gloo on DeepSpeed's CPU accelerator
     rank, world = dist.get_rank(), dist.get_world_size()
     on_gpu = deepspeed.get_accelerator().device_name() == "cuda"
     bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float32
     device = torch.device(deepspeed.get_accelerator().current_device_name())
     scratch = Path(os.environ.get("KUBETUNE_SCRATCH") or tempfile.gettempdir()) / f"kubetune-{job.metadata.name}"
     scratch.mkdir(parents=True, exist_ok=True)
+    return rank, world, on_gpu, bf16, torch.bfloat16 if bf16 else torch.float32, device, scratch
 
+
+def setup(job: FineTuneJob) -> Run:
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    spec, t = job.spec, job.spec.training
+    rank, world, on_gpu, bf16, dtype, device, scratch = start_ranks(job)
     prepared = fetch_prepared(job, scratch)
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     check_objective(prepared, t.objective)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -32,14 +31,14 @@ from kubetune.models import build_model, load_model, resolve_source
 from kubetune.packed import attention, head
 from kubetune.packed.rows import Rows, collate
 from kubetune.spec import FineTuneJob, load_job
-from kubetune.train import batching, extensions, grpo, sampling
+from kubetune.train import batching, grpo, sampling
 from kubetune.train.bookkeeping import Bookkeeper, sub_grader_names
 from kubetune.train.distributed import Preemption
 from kubetune.train.export import export_model
 from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_batches, step_rows
 from kubetune.train.progress import report_start
 from kubetune.train.recipe import (check_finite, check_objective, cost, deepspeed_config, end_step, fetch_prepared,
-                                   finish, set_checkpointing, warmup_cosine)
+                                   finish, set_checkpointing, start_ranks, warmup_cosine)
 
 # Step totals, summed over ranks, in this order (then one per sub-grader, then the SIGTERM flag).
 FIELDS = ("loss", "tokens", "kl", "clipped", "reward", "reward_sq", "samples", "all_tokens")
@@ -80,15 +79,7 @@ def setup(job: FineTuneJob) -> RftRun:
     from transformers import AutoTokenizer
 
     t = job.spec.training
-    extensions.build_ops()
-    deepspeed.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    on_gpu = deepspeed.get_accelerator().device_name() == "cuda"
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    device = torch.device(deepspeed.get_accelerator().current_device_name())
-    scratch = Path(os.environ.get("KUBETUNE_SCRATCH") or tempfile.gettempdir()) / f"kubetune-{job.metadata.name}"
-    scratch.mkdir(parents=True, exist_ok=True)
+    rank, world, on_gpu, bf16, dtype, device, scratch = start_ranks(job)
     prepared = fetch_prepared(job, scratch)
     check_objective(prepared, "rft")
     tokenizer = AutoTokenizer.from_pretrained(prepared / "tokenizer")
