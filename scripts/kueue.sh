@@ -10,7 +10,8 @@
 #                                     Kueue object) and kueue-system; scripts/cluster.sh down also stops it
 #   scripts/kueue.sh status
 #
-#   KUEUE_TEAM_CPU            nominal CPU of each ClusterQueue (default 1: half the 2-CPU node each)
+#   KUEUE_TEAM_A_CPU          team-a's nominal CPU, never exceeded (default 1: one small job's pod at a time)
+#   KUEUE_TEAM_B_CPU          team-b's nominal CPU; it borrows the rest from team-a (default 500m)
 #   KUEUE_TEAM_MEMORY         nominal memory of each ClusterQueue (default 4Gi)
 #   KUEUE_PODS_READY_TIMEOUT  how long an admitted Job may take until all its pods are Ready, else
 #                             Kueue suspends and requeues it (waitForPodsReady; default 5m)
@@ -153,10 +154,11 @@ queues() {  # queues NS_A NS_B: hack/kueue/queues.yaml with the namespaces and q
   local a=$1 b=$2 n
   for n in "$a" "$b"; do k create namespace "$n" --dry-run=client -o yaml | k apply -f - > /dev/null; done
   sed -e "s/@TEAM_A_NAMESPACE@/$a/g" -e "s/@TEAM_B_NAMESPACE@/$b/g" \
-    -e "s/@TEAM_CPU@/${KUEUE_TEAM_CPU:-1}/g" -e "s/@TEAM_MEMORY@/${KUEUE_TEAM_MEMORY:-4Gi}/g" \
+    -e "s/@TEAM_A_CPU@/${KUEUE_TEAM_A_CPU:-1}/g" -e "s/@TEAM_B_CPU@/${KUEUE_TEAM_B_CPU:-500m}/g" \
+    -e "s/@TEAM_MEMORY@/${KUEUE_TEAM_MEMORY:-4Gi}/g" \
     "$root/hack/kueue/queues.yaml" | k apply -f - > /dev/null
-  log "queues: ClusterQueues team-a, team-b (cohort kubetune, ${KUEUE_TEAM_CPU:-1} CPU and" \
-    "${KUEUE_TEAM_MEMORY:-4Gi} each); LocalQueues $a/team-a, $b/team-b; priorities low, high"
+  log "queues: ClusterQueues team-a (${KUEUE_TEAM_A_CPU:-1} CPU), team-b (${KUEUE_TEAM_B_CPU:-500m} CPU, borrows)," \
+    "${KUEUE_TEAM_MEMORY:-4Gi} each, cohort kubetune; LocalQueues $a/team-a, $b/team-b; priorities low, high"
 }
 
 down() {
