@@ -179,3 +179,8 @@ def test_admit_queue_preempt(namespace, size):
         for name in (low, waiting, high):
             kubectl("delete", "job", name, "-n", namespace, "--cascade=background",
                     "--ignore-not-found", "--wait=false", check=False)
+        # Their Workloads go with them (garbage collection), releasing the quota for whoever is next;
+        # right after scripts/kueue.sh up that takes up to 30s (the collector discovers the new CRDs).
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and any(workload(namespace, name) for name in (low, waiting, high)):
+            time.sleep(1)
