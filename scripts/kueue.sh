@@ -170,11 +170,28 @@ down() {
     # The webhooks first: without the manager they would refuse every Job creation.
     k delete validatingwebhookconfiguration kueue-validating-webhook-configuration --ignore-not-found > /dev/null
     k delete mutatingwebhookconfiguration kueue-mutating-webhook-configuration --ignore-not-found > /dev/null
-    k get crd -o name | grep '\.kueue\.x-k8s\.io$' | xargs -r "$bin/kubectl" --kubeconfig "$dir/kubeconfig" delete > /dev/null
+    # Kueue's finalizers (ClusterQueues, ResourceFlavors, Workloads in use) are the stopped
+    # manager's to remove: dropped here, else deleting the CRDs waits for them forever.
+    local crd
+    for crd in $(k get crd -o name | grep '\.kueue\.x-k8s\.io$'); do
+      drop_finalizers "${crd#*/}"
+      k delete "$crd" --wait=false > /dev/null
+    done
+    wait_for "Kueue's CRDs gone" 60 no_crds
     k delete namespace $ns --ignore-not-found > /dev/null
   fi
   log "down"
 }
+
+drop_finalizers() {  # drop_finalizers RESOURCE: of all its objects that have any
+  local obj namespace
+  for obj in $(k get "$1" -A -o jsonpath='{range .items[?(@.metadata.finalizers)]}{.metadata.namespace}/{.metadata.name}{" "}{end}'); do
+    namespace=${obj%%/*}
+    k patch "$1" "${obj#*/}" ${namespace:+-n "$namespace"} --type merge -p '{"metadata": {"finalizers": null}}' > /dev/null
+  done
+}
+
+no_crds() { [ -z "$(k get crd -o name | grep '\.kueue\.x-k8s\.io$')" ]; }
 
 status() {
   bin=$(bash "$root/scripts/controlplane.sh" kueue)
