@@ -48,7 +48,10 @@ def test_spec_defaults_and_errors_name_the_field(tmp_path):
     assert t.best_metric == "valid_reward" and t.rft.grader.type == "string_check"
     cases = [({"samplesPerPrompt": 1}, "spec.training.rft.samplesPerPrompt"),
              ({"grader": {**GRADER, "operation": "is"}}, "spec.training.rft.grader.string_check.operation"),
-             ({"grader": {**GRADER, "type": "nope"}}, "spec.training.rft.grader")]
+             ({"grader": {**GRADER, "type": "nope"}}, "spec.training.rft.grader"),
+             ({"grader": {"type": "score_model", "name": "judge", "model": "m", "input": [
+                 {"role": "user", "content": "{{sample.output_text}}"}]}}, "spec.training.rft.grader: "
+              "score_model graders are not supported in training yet")]
     for rft, field in cases:
         with pytest.raises(SpecError) as e:
             parse_job(rft_doc("d.jsonl", "out", rft))

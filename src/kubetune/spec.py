@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from kubetune.errors import KubetuneError
@@ -182,6 +182,17 @@ class Rft(_Model):
                            "model (0: no reference model); TRL's beta.")
     clip_epsilon: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio to the "
                                 "sampling policy.")
+
+    @field_validator("grader")
+    @classmethod
+    def _no_judge(cls, grader):
+        # The trainer reaches no model endpoint (a judge would need one per job, and credentials): refused here
+        # rather than failing at the first step.
+        subs = getattr(grader, "graders", None) or {}
+        if grader.type == "score_model" or any(g.type == "score_model" for g in subs.values()):
+            raise ValueError("score_model graders are not supported in training yet (the trainer reaches no "
+                             "model endpoint); use string_check, text_similarity, python or multi")
+        return grader
 
 
 class Training(_Model):
