@@ -5,6 +5,8 @@ hyperparameters, method) in one annotation, so reading it back needs nothing but
 Statuses: Pending/Preparing → validating_files; Training before its first step → queued; Training →
 running; Suspended → paused; Succeeded → succeeded; Failed → failed; cancelled through the API →
 cancelled (the job is suspended and marked, keeping its progress).
+Methods: supervised (objective sft), dpo (objective dpo), reinforcement (objective rft; reinforcement.py maps
+its grader and hyperparameters).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def resolve_model(model: object, namespace: str, settings: ApiSettings) -> dict:
 
 # --- creating a job ---------------------------------------------------------------------------
 
-def _number(value: object, key: str, param: str) -> float | int | None:
+def _hyperparameter(value: object, key: str, param: str) -> float | int | None:
     if value is None or value == "auto":
         return None
     if key == "reasoning_effort":  # kept for reading back; kubetune's models have no reasoning mode
@@ -169,7 +171,7 @@ def method_and_hyperparameters(body: dict) -> tuple[str, dict, dict]:
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise bad(f"unknown hyperparameter {unknown[0]!r} for method {kind}", f"hyperparameters.{unknown[0]}")
-    return kind, {k: _number(merged.get(k), k, params[k]) for k in sorted(allowed)}, params
+    return kind, {k: _hyperparameter(merged.get(k), k, params[k]) for k in sorted(allowed)}, params
 
 
 def _metadata(value: object) -> dict:
