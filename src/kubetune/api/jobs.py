@@ -138,7 +138,7 @@ def resolve_model(model: object, namespace: str, settings: ApiSettings) -> dict:
 
 # --- creating a job ---------------------------------------------------------------------------
 
-def _hyperparameter(value: object, key: str, param: str) -> float | int | None:
+def _hyperparameter(value: object, key: str, param: str) -> float | int | str | None:
     if value is None or value == "auto":
         return None
     if key == "reasoning_effort":  # kept for reading back; kubetune's models have no reasoning mode
