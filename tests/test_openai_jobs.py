@@ -48,7 +48,9 @@ def test_request_becomes_a_job_on_top_of_the_defaults():
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
     ({"hyperparameters": {"n_epochs": True}}, "hyperparameters.n_epochs"),
     ({"hyperparameters": {"beta": 0.1}}, "hyperparameters.beta"),  # beta is DPO's
-    ({"method": {"type": "reinforcement"}}, "method.type"),
+    ({"method": {"type": "rl"}}, "method.type"),
+    ({"method": {"type": "reinforcement"}}, "method.reinforcement.grader"),  # a grader is required
+    ({"method": {"type": "dpo", "dpo": "x"}}, "method.dpo"),
     ({"suffix": "a:b"}, "suffix"),
     ({"seed": -1}, "seed"),
     ({"model": "gpt-4o"}, "model"),

@@ -3,8 +3,11 @@
     FILES_URI/NAMESPACE/FILE_ID/data.jsonl   the bytes as uploaded (what a job's dataset points at)
     FILES_URI/NAMESPACE/FILE_ID/file.json    the file object, with what validation found
 
-A file is ``processed`` when it has at least 10 examples and every line is a chat example or a preference
-pair, else ``error`` with what is wrong, by line number, in ``status_details``. Uploads stream: each chunk is
+A file is ``processed`` when it has at least 10 examples and every line is a chat example, a preference
+pair or a reinforcement prompt, else ``error`` with what is wrong, by line number, in ``status_details``.
+A reinforcement prompt is what the rft prepare step takes (``kubetune.data.prompts``): ``messages`` whose
+last turn is not the assistant's, plus item fields; the top-level item fields every such line has are
+recorded (``item_fields``) so that a job's grader can be checked against them at create time. Uploads stream: each chunk is
 validated and sent on to the bucket (a multipart upload) as it arrives, so a 512 MB file never sits in memory.
 """
 
@@ -20,6 +23,7 @@ import orjson
 from kubetune.api.jobs import new_id
 from kubetune.data.formats import FormatError, standardize
 from kubetune.data.preference import is_preference, standardize_pair
+from kubetune.data.prompts import standardize_prompt
 from kubetune.data.readers import BadLine, RawLine, parse_line
 from kubetune.storage import NotFound, Store, join, store_for
 
@@ -29,13 +33,21 @@ MAX_LINE = 16 * 2**20  # far beyond any context length; a longer line is reporte
 PUBLIC = ("id", "object", "bytes", "created_at", "filename", "purpose", "status", "status_details", "expires_at")
 
 
-def kind_of(data: dict) -> str:
-    """'chat' or 'preference'; FormatError says why it is neither."""
+def kind_of(data: dict) -> tuple[str, dict | None]:
+    """('chat' | 'preference' | 'reinforcement', the item of a reinforcement prompt); FormatError says why
+    it is none of them."""
     if is_preference(data):
         standardize_pair(data)
-        return "preference"
+        return "preference", None
+    # The prompt rule first: chat's "auto" accepts a conversation without an assistant turn too (it would
+    # train nothing), and such a line is what the rft prepare step reads as a prompt.
+    try:
+        _, _, item = standardize_prompt(data, "upload", set())
+        return "reinforcement", item
+    except FormatError:
+        pass  # not a prompt: chat's error, if any, is the one to report (it names what is wrong with the turns)
     standardize(data, "auto")
-    return "chat"
+    return "chat", None
 
 
 class Validation:
@@ -44,6 +56,7 @@ class Validation:
 
     def __init__(self):
         self.kinds: Counter = Counter()
+        self.item_fields: set[str] | None = None  # top-level item fields of every reinforcement prompt so far
         self.problems: list[str] = []  # the first LISTED_PROBLEMS
         self.invalid = self.lines = self._number = 0
         self._partial, self._too_long = bytearray(), False
@@ -76,7 +89,10 @@ class Validation:
             try:
                 if isinstance(item, BadLine):
                     raise FormatError(item.reason)
-                self.kinds[kind_of(item.data)] += 1
+                kind, fields = kind_of(item.data)
+                self.kinds[kind] += 1
+                if fields is not None:
+                    self.item_fields = set(fields) if self.item_fields is None else self.item_fields & set(fields)
             except FormatError as e:
                 self._problem(str(e))
 
@@ -96,8 +112,11 @@ class Validation:
         if self.invalid:
             details.append(f"{self.invalid} of {self.lines} lines are invalid: " + "; ".join(self.problems)
                            + ("; ..." if self.invalid > len(self.problems) else ""))
-        return {"status": "error" if details else "processed", "status_details": "; ".join(details) or None,
-                "lines": self.lines, "kinds": dict(self.kinds)}
+        found = {"status": "error" if details else "processed", "status_details": "; ".join(details) or None,
+                 "lines": self.lines, "kinds": dict(self.kinds)}
+        if self.item_fields is not None:
+            found["item_fields"] = sorted(self.item_fields)
+        return found
 
 
 def validate(raw: bytes) -> dict:

@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from kubetune.api.jobs import parse_model
-from kubetune.graders import (GraderError, GraderUnavailable, ModelEndpoint, grade, parse_grader, score_models,
+from kubetune.api.reinforcement import parse_grader_at
+from kubetune.graders import (GraderError, GraderUnavailable, ModelEndpoint, grade, score_models,
                               uses_python)
 from kubetune.openai_errors import RequestError
 
@@ -81,7 +82,4 @@ async def _body(request: web.Request) -> dict:
 
 
 def _grader(body: dict):
-    try:
-        return parse_grader(body["grader"])
-    except GraderError as e:
-        raise RequestError(400, str(e), e.param) from None
+    return parse_grader_at(body["grader"])

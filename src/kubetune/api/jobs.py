@@ -5,6 +5,8 @@ hyperparameters, method) in one annotation, so reading it back needs nothing but
 Statuses: Pending/Preparing → validating_files; Training before its first step → queued; Training →
 running; Suspended → paused; Succeeded → succeeded; Failed → failed; cancelled through the API →
 cancelled (the job is suspended and marked, keeping its progress).
+Methods: supervised (objective sft), dpo (objective dpo), reinforcement (objective rft; reinforcement.py maps
+its grader and hyperparameters).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from kubetune.api import reinforcement as R
 from kubetune.openai_errors import RequestError
 from kubetune.spec import API_GROUP, API_VERSION, SpecError, parse_job
 from kubetune.storage import join
@@ -28,7 +31,14 @@ CANCELLED = "kubetune.dev/cancelled-at"
 API_LABEL = "kubetune.dev/created-by"
 SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}  # spec.training.learningRate's defaults, scaled by the multiplier
-LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-3, 10.0), "beta": (1e-3, 2.0)}
+LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-3, 10.0), "beta": (1e-3, 2.0),
+          **R.LIMITS}
+INTEGERS = ("n_epochs", "batch_size", "eval_interval", "eval_samples")
+COMMON = ("n_epochs", "batch_size", "learning_rate_multiplier")
+METHODS = {"supervised": COMMON, "dpo": COMMON + ("beta",), "reinforcement": COMMON + R.EXTRA}
+SHAPES = {"supervised": "chat", "dpo": "preference", "reinforcement": "reinforcement"}  # files.py's kinds
+NEEDS = {"chat": "chat examples", "preference": "preference pairs (input, preferred_output, non_preferred_output)",
+         "reinforcement": "reinforcement prompts (messages without a final assistant turn, plus item fields)"}
 BUILTIN_MODELS = {f"kubetune-{size}": {"fromConfig": {"size": size}} for size in ("tiny", "small", "base")}
 
 
@@ -128,11 +138,15 @@ def resolve_model(model: object, namespace: str, settings: ApiSettings) -> dict:
 
 # --- creating a job ---------------------------------------------------------------------------
 
-def _number(value: object, key: str, param: str) -> float | int | None:
+def _hyperparameter(value: object, key: str, param: str) -> float | int | str | None:
     if value is None or value == "auto":
         return None
+    if key == "reasoning_effort":  # kept for reading back; kubetune's models have no reasoning mode
+        if value not in R.EFFORTS:
+            raise bad(f"{param} must be one of {', '.join(R.EFFORTS)}", param)
+        return value
     low, high = LIMITS[key]
-    kind = int if key in ("n_epochs", "batch_size") else (int, float)
+    kind = int if key in INTEGERS else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
         raise bad(f"{param} must be 'auto' or a number from {low} to {high}", param)
     return value
@@ -142,20 +156,22 @@ def method_and_hyperparameters(body: dict) -> tuple[str, dict, dict]:
     """The method type, its hyperparameters (method's own override the deprecated top-level ones) and the
     parameter each came from, for errors."""
     method = body.get("method") or {"type": "supervised"}
-    if not isinstance(method, dict) or method.get("type") not in ("supervised", "dpo"):
-        raise bad("method.type must be 'supervised' or 'dpo'", "method.type")
+    if not isinstance(method, dict) or method.get("type") not in METHODS:
+        raise bad("method.type must be 'supervised', 'dpo' or 'reinforcement'", "method.type")
     kind = method["type"]
     top = body.get("hyperparameters") or {}
+    if not isinstance(method.get(kind) or {}, dict):
+        raise bad(f"method.{kind} must be an object", f"method.{kind}")
     inner = (method.get(kind) or {}).get("hyperparameters") or {}
     if not isinstance(top, dict) or not isinstance(inner, dict):
         raise bad("hyperparameters must be an object", "hyperparameters")
-    allowed = {"n_epochs", "batch_size", "learning_rate_multiplier"} | ({"beta"} if kind == "dpo" else set())
+    allowed = set(METHODS[kind])
     merged = {**top, **inner}
     params = {k: f"method.{kind}.hyperparameters.{k}" if k in inner else f"hyperparameters.{k}" for k in allowed}
     unknown = sorted(set(merged) - allowed)
     if unknown:
         raise bad(f"unknown hyperparameter {unknown[0]!r} for method {kind}", f"hyperparameters.{unknown[0]}")
-    return kind, {k: _number(merged.get(k), k, params[k]) for k in sorted(allowed)}, params
+    return kind, {k: _hyperparameter(merged.get(k), k, params[k]) for k in sorted(allowed)}, params
 
 
 def _metadata(value: object) -> dict:
@@ -184,15 +200,16 @@ def job_document(body: dict, name: str, namespace: str, files: dict[str, dict], 
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
         raise bad("seed must be an integer from 0 to 2147483647", "seed")
     kind, hp, params = method_and_hyperparameters(body)
+    grader = R.job_grader(body["method"]) if kind == "reinforcement" else None
     model = resolve_model(body.get("model"), namespace, settings)
-    dataset = {"train": _file_uri(files, body.get("training_file"), "training_file", kind)}
-    examples = files[body["training_file"]]["kinds"]["preference" if kind == "dpo" else "chat"]
+    dataset = {"train": _file_uri(files, body.get("training_file"), "training_file", kind, grader)}
+    examples = files[body["training_file"]]["kinds"][SHAPES[kind]]
     if hp["batch_size"] is not None and hp["batch_size"] > examples:  # packing makes at most a row per example
         raise bad(f"batch_size {hp['batch_size']} is larger than the {examples} examples of training_file "
                   f"{body['training_file']}: no batch that size can be filled; use fewer or 'auto'",
                   params["batch_size"], "invalid_batch_size")
     if body.get("validation_file") is not None:
-        dataset["validation"] = _file_uri(files, body["validation_file"], "validation_file", kind)
+        dataset["validation"] = _file_uri(files, body["validation_file"], "validation_file", kind, grader)
 
     spec = deep_merge(settings.job_defaults, {"model": model, "dataset": dataset})
     training = spec.setdefault("training", {})
@@ -208,6 +225,8 @@ def job_document(body: dict, name: str, namespace: str, files: dict[str, dict], 
         training["learningRate"] = DEFAULT_LR[training.get("method", "lora")] * hp["learning_rate_multiplier"]
     if kind == "dpo" and hp["beta"] is not None:
         training["dpo"] = {**training.get("dpo", {}), "beta": hp["beta"]}
+    if grader is not None:
+        R.apply(spec, grader, hp)
     if seed is not None:
         training["seed"] = seed
     spec["output"] = {"uri": join(settings.outputs_uri, namespace, name) + "/"}
@@ -216,6 +235,8 @@ def job_document(body: dict, name: str, namespace: str, files: dict[str, dict], 
     asked = {"model": body["model"], "training_file": body.get("training_file"),
              "validation_file": body.get("validation_file"), "suffix": suffix, "seed": seed,
              "metadata": _metadata(body.get("metadata")), "method": kind}
+    if hp.get("reasoning_effort"):
+        asked["reasoning_effort"] = hp["reasoning_effort"]
     doc = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "FineTuneJob",
            "metadata": {"name": name, "namespace": namespace, "labels": {API_LABEL: "openai-api"},
                         "annotations": {ANNOTATION: json.dumps(asked)}},
@@ -227,7 +248,7 @@ def job_document(body: dict, name: str, namespace: str, files: dict[str, dict], 
     return doc
 
 
-def _file_uri(files: dict[str, dict], file_id: object, param: str, kind: str) -> str:
+def _file_uri(files: dict[str, dict], file_id: object, param: str, kind: str, grader=None) -> str:
     if not isinstance(file_id, str) or not file_id:
         raise bad(f"{param} is required: the id of an uploaded file", param)
     record = files.get(file_id)
@@ -235,10 +256,11 @@ def _file_uri(files: dict[str, dict], file_id: object, param: str, kind: str) ->
         raise bad(f"{param}: no such file: {file_id}", param, "file_not_found")
     if record["status"] != "processed":
         raise bad(f"{param}: file {file_id} is not usable: {record.get('status_details')}", param, "invalid_file")
-    shape = "preference" if kind == "dpo" else "chat"
-    if not record.get("kinds", {}).get(shape):
-        need = "preference pairs (input, preferred_output, non_preferred_output)" if kind == "dpo" else "chat examples"
-        raise bad(f"{param}: file {file_id} has no {need}, which method {kind} needs", param, "invalid_file")
+    if not record.get("kinds", {}).get(SHAPES[kind]):
+        raise bad(f"{param}: file {file_id} has no {NEEDS[SHAPES[kind]]}, which method {kind} needs", param,
+                  "invalid_file")
+    if grader is not None:
+        R.check_item_fields(grader, record, file_id, param)
     return record["uri"]
 
 
@@ -273,10 +295,7 @@ def job_object(ftj: dict) -> dict:
     batch = progress.get("globalBatchSize") or training.get("globalBatchSize") or "auto"
     hp = {"n_epochs": training.get("epochs", 3), "batch_size": batch,
           "learning_rate_multiplier": round(lr / DEFAULT_LR[training.get("method", "lora")], 6) if lr else 1.0}
-    kind = "dpo" if training.get("objective") == "dpo" else "supervised"
-    method_hp = dict(hp)
-    if kind == "dpo":
-        method_hp["beta"] = (training.get("dpo") or {}).get("beta", 0.1)
+    method = _method(spec, a, hp)
     tokens = report.get("trainTokens")
     trained = int(tokens * min(progress.get("epoch", 0), hp["n_epochs"])) if tokens and progress else None
     eta = progress.get("etaSeconds")
@@ -289,7 +308,7 @@ def job_object(ftj: dict) -> dict:
         "fine_tuned_model": (fine_tuned_model(model, meta["namespace"], a.get("suffix"), name)
                              if state == "succeeded" else None),
         "finished_at": timestamp(status.get("completionTime")) if state in ("succeeded", "failed") else None,
-        "hyperparameters": hp, "method": {"type": kind, kind: {"hyperparameters": method_hp}},
+        "hyperparameters": hp, "method": method,
         "training_file": a.get("training_file") or spec.get("dataset", {}).get("train"),
         "validation_file": a.get("validation_file") or spec.get("dataset", {}).get("validation"),
         "result_files": [result_file_id(name)] if state == "succeeded" else [], "trained_tokens": trained, "seed": training.get("seed", 42),
@@ -297,6 +316,16 @@ def job_object(ftj: dict) -> dict:
         if state == "running" and eta else None,
         "integrations": [], "metadata": a.get("metadata") or None, "user_provided_suffix": a.get("suffix"),
     }
+
+
+def _method(spec: dict, asked: dict, hp: dict) -> dict:
+    training = spec.get("training", {})
+    objective = training.get("objective")
+    if objective == "rft":
+        return R.method_object(spec, asked, hp)
+    if objective == "dpo":
+        return {"type": "dpo", "dpo": {"hyperparameters": {**hp, "beta": (training.get("dpo") or {}).get("beta", 0.1)}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": dict(hp)}}
 
 
 # --- a job's results file -----------------------------------------------------------------------
@@ -307,6 +336,7 @@ def job_object(ftj: dict) -> dict:
 RESULTS_PREFIX = "file-results-"
 JOB_NAME = re.compile(r"^[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]  # OpenAI's
+RFT_RESULT_COLUMNS = ["step", "train_loss", "train_reward_mean", "valid_reward_mean"]  # rewards, OpenAI's names
 
 
 def result_file_id(job: str) -> str:
@@ -319,12 +349,14 @@ def results_job(file_id: str) -> str | None:
     return job if file_id.startswith(RESULTS_PREFIX) and JOB_NAME.match(job) else None
 
 
-def results_csv(metric_rows: list[dict]) -> bytes:
-    """OpenAI's step_metrics.csv from the rows of the trainer's metrics.csv (a row lacking a value: empty)."""
+def results_csv(metric_rows: list[dict], objective: str = "sft") -> bytes:
+    """OpenAI's step_metrics.csv from the rows of the trainer's metrics.csv (a row lacking a value: empty);
+    an rft job's has its rewards in place of token accuracy and loss on held-out answers, which it has none of."""
+    columns = RFT_RESULT_COLUMNS if objective == "rft" else RESULT_COLUMNS
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: row.get(k) or "" for k in RESULT_COLUMNS} for row in metric_rows)
+    writer.writerows({k: row.get(k) or "" for k in columns} for row in map(R.with_openai_names, metric_rows))
     return out.getvalue().encode()
 
 
@@ -348,7 +380,7 @@ def checkpoint_objects(ftj: dict) -> list[dict]:
     created = job["created_at"]
     out = []
     for c in status.get("checkpoints") or []:
-        metrics = {"step": c["step"], **{k: v for k, v in (c.get("metrics") or {}).items()}}
+        metrics = {"step": c["step"], **R.with_openai_names(c.get("metrics") or {})}
         out.append({"id": f"ftckpt-{job['id']}-{c['step']}", "object": "fine_tuning.job.checkpoint",
                     "created_at": created, "fine_tuned_model_checkpoint": f"{base}:ckpt-{c['name']}",
                     "fine_tuning_job_id": job["id"], "step_number": c["step"], "metrics": metrics,
@@ -367,9 +399,9 @@ def event_objects(ftj: dict, kube_events: list[dict], metric_rows: list[dict]) -
     updated = timestamp(((ftj.get("status") or {}).get("progress") or {}).get("updatedAt")) or job["created_at"]
     total = ((ftj.get("status") or {}).get("progress") or {}).get("totalSteps")
     for row in metric_rows:
-        data = {k: _num(v) for k, v in row.items() if v not in ("", None)}
+        data = R.with_openai_names({k: _num(v) for k, v in row.items() if v not in ("", None)})
         step = int(data.get("step", 0))
-        text = ", ".join(f"{k}={v:.4g}" for k, v in data.items() if k.endswith(("loss", "accuracy")))
+        text = ", ".join(f"{k}={v:.4g}" for k, v in data.items() if k.endswith(("loss", "accuracy", "_reward_mean")))
         events.append({**_event(f"{job['id']}-step-{step}", updated, "info",
                                 f"Step {step}{f'/{total}' if total else ''}: {text}"), "type": "metrics", "data": data})
     if job["status"] == "succeeded":

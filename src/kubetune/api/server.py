@@ -146,7 +146,7 @@ class Api:
         ftj = self.kube.get_ftj(namespace, job)
         if ftj is None or J.openai_status(ftj) != "succeeded":
             raise _no_file(file_id)
-        content = J.results_csv(self._metric_rows(ftj))
+        content = J.results_csv(self._metric_rows(ftj), ftj["spec"].get("training", {}).get("objective", "sft"))
         return J.results_file(ftj, content), content
 
     # --- files -------------------------------------------------------------------------------
