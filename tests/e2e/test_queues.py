@@ -18,14 +18,14 @@ import time
 
 import pytest
 
-from e2e_cluster import (bucket, create_credentials, env, get_json, job_pods, kubectl, log, log_from_step, small_job,
-                         wait_for)
+from e2e_cluster import (KUBECONFIG, bucket, create_credentials, env, get_json, job_pods, kubectl, log, log_from_step,
+                         small_job, wait_for)
 from e2e_cluster import namespace, operator_release, s3  # noqa: F401  (the session's fixtures)
 from conftest import EXAMPLES
 
 TEAM_A, TEAM_B = "e2e-team-a", "e2e-team-b"  # scripts/e2e.sh: scripts/kueue.sh up e2e-team-a e2e-team-b
-DATA = "s3://kubetune/queues/"
-pytestmark = [pytest.mark.e2e]
+DATA = "s3://kubetune/queues/data/"  # outputs go elsewhere: a prefix is read whole
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not KUBECONFIG, reason="set KUBETUNE_E2E_KUBECONFIG (scripts/e2e.sh)")]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def kueue(s3, operator_release):  # noqa: F811
         create_credentials(ns)
     kubectl("delete", "ftj", "--all", "--all-namespaces", "--timeout=180s")  # earlier tests' endpoints hold CPU
     client = bucket(s3)
-    client.put_object(Bucket="kubetune", Key="queues/chats.jsonl",
+    client.put_object(Bucket="kubetune", Key="queues/data/chats.jsonl",
                       Body=(EXAMPLES / "data" / "support-chat.jsonl").read_bytes())
 
 
@@ -48,7 +48,7 @@ def queued_job(s3_url: str, name: str, team: str, priority: str | None = None, *
     doc = small_job(s3_url, name, DATA, checkpointEvery=1000, evalEvery=1000, **training)
     doc["spec"]["queue"] = {"name": team, **({"priorityClass": priority} if priority else {})}
     doc["spec"]["resources"]["prepare"] = {"cpu": "500m", "memory": "1Gi"}
-    doc["spec"]["output"]["uri"] = f"s3://kubetune/queues/out/{name}/"
+    doc["spec"]["output"]["uri"] = f"s3://kubetune/queues/out/{name}/"  # not under DATA
     return doc
 
 
