@@ -382,13 +382,19 @@ def cost(run: Run, began: float) -> Cost:
     return Cost(gpus, torch.cuda.get_device_name() if run.on_gpu else None, began)
 
 
-def train(job_file: str) -> None:
-    """Every rank: set up, resume if a checkpoint is there, train step by step, export."""
-    began = time.monotonic()  # GPU-hours count set-up too
+def load_and_announce(job_file: str) -> tuple[FineTuneJob, float]:
+    """The job, its "starting" record written by rank 0, and when it began (GPU-hours count set-up too)."""
+    began = time.monotonic()
     job = load_job(job_file)
-    t = job.spec.training
     if int(os.environ.get("RANK", "0")) == 0:
         report_start(job.spec.output.uri, job.spec.storage)
+    return job, began
+
+
+def train(job_file: str) -> None:
+    """Every rank: set up, resume if a checkpoint is there, train step by step, export."""
+    job, began = load_and_announce(job_file)
+    t = job.spec.training
     run = setup(job)
     engine, plan = run.engine, run.plan
     export = partial(export_model, engine, job, run.tokenizer, run.source, run.dtype, run.scratch)  # export(dest)

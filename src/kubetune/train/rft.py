@@ -16,7 +16,6 @@ memory for one more model). ``klCoef: 0`` needs none.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -30,15 +29,15 @@ from kubetune.data.prompt_shards import load_prompts
 from kubetune.models import build_model, load_model, resolve_source
 from kubetune.packed import attention, head
 from kubetune.packed.rows import Rows, collate
-from kubetune.spec import FineTuneJob, load_job
+from kubetune.spec import FineTuneJob
 from kubetune.train import batching, grpo, sampling
 from kubetune.train.bookkeeping import Bookkeeper, sub_grader_names
 from kubetune.train.distributed import Preemption
 from kubetune.train.export import export_model
 from kubetune.train.plan import BatchPlan, fingerprint, make_plan, rank_micro_batches, step_rows
-from kubetune.train.progress import report_start
 from kubetune.train.recipe import (check_finite, check_objective, cost, deepspeed_config, end_step, fetch_prepared,
-                                   finish, set_checkpointing, start_ranks, warmup_cosine)
+                                   finish, load_and_announce, set_checkpointing, start_ranks,
+                                   warmup_cosine)
 
 # Step totals, summed over ranks, in this order (then one per sub-grader, then the SIGTERM flag).
 FIELDS = ("loss", "tokens", "kl", "clipped", "reward", "reward_sq", "samples", "all_tokens")
@@ -215,11 +214,8 @@ def validate(run: RftRun, prompts: list[dict] | None = None) -> dict:
 
 def train(job_file: str) -> None:
     """Every rank: set up, resume if a checkpoint is there, sample-grade-update step by step, export."""
-    began = time.monotonic()
-    job = load_job(job_file)
+    job, began = load_and_announce(job_file)
     t = job.spec.training
-    if int(os.environ.get("RANK", "0")) == 0:
-        report_start(job.spec.output.uri, job.spec.storage)
     run = setup(job)
     engine, plan = run.engine, run.plan
     export = partial(export_model, engine, job, run.tokenizer, run.source, run.dtype, run.scratch)
