@@ -59,7 +59,7 @@ def test_the_example_is_accepted(cp, namespace):
      "spec.jobTemplate.serve: Invalid value: serve is not used in a template"),
     (lambda d: d["spec"]["promotion"].update(metric="rouge"), 'spec.promotion.metric: Unsupported value: "rouge"'),
     (lambda d: (d["spec"]["promotion"].update(metric="rouge_l"), d["spec"]["jobTemplate"].update(evaluation={"samples": 0})),
-     "spec.promotion.metric: Invalid value: \"object\": promotion.metric scores generated replies"),
+     "spec.promotion.metric: Invalid value: promotion.metric scores generated replies"),
     (lambda d: d["spec"].update(timeZone="Europe/Berlin; rm"), "spec.timeZone: Invalid value"),
     (lambda d: d["metadata"].update(name="x" * 31), "metadata.name must be at most 30 characters"),
     (lambda d: d["spec"].update(trigger={"newData": {"uri": "s3://data/in/", "pollSeconds": 5}}),
