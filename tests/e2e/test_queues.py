@@ -123,7 +123,7 @@ def test_three_jobs_queue_in_order_a_team_borrows_and_a_high_priority_job_preemp
         queued = [m for r, m in watched[name] if r == "Queued"]
         assert any("insufficient unused quota for cpu" in m for m in queued), watched[name]
     log(f"three jobs in team-a, one Job at a time, gangs in order, {time.monotonic() - started:.0f}s; waiting said: "
-        f"{next(m for r, m in watched['third'] if r == 'Queued')}")
+        f"{next(m for r, m in watched['third'] if r == 'Queued' and 'insufficient' in m)}")
 
     # 2. A team-b job larger than team-b's quota runs on quota borrowed from idle team-a.
     kubectl("apply", "-n", TEAM_B, "-f", "-", input=json.dumps(queued_job(s3, "borrower", "team-b", maxSteps=10)))
