@@ -67,6 +67,18 @@ def job_manifest(s3_url: str) -> dict:
     return doc
 
 
+KILL_RANK = """
+import os, signal
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        continue
+    if b"kubetune.train" in cmd and b"torch.distributed" not in cmd:  # a rank, not torchrun
+        os.kill(int(pid), signal.SIGKILL)
+"""
+
+
 def training_pods(ns: str, attempt: int) -> list[dict]:
     return get_json("pods", "-n", ns, "-l", f"batch.kubernetes.io/job-name={JOB}-train-{attempt}")["items"]
 
@@ -99,8 +111,10 @@ def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
     rank0_log = wait_for(lambda: log_from_step(ns, pods["0"], ckpt_step + 10), 300, f"step {ckpt_step + 10}",
                          interval=0.3)
     killed_at = last_step(rank0_log)
-    kubectl("delete", "pod", "-n", ns, pods["1"], "--grace-period=0", "--force")
-    log(f"killed {pods['1']} at step {killed_at} (checkpoint {first_ckpt})")
+    # SIGKILL to rank 1's training process, as the OOM killer sends it: nothing saved, the gang fails. (Deleting
+    # the pod sends SIGTERM first, and a trainer that saves its step in the grace period is not a failure.)
+    kubectl("exec", "-n", ns, pods["1"], "-c", "trainer", "--", "python", "-c", KILL_RANK)
+    log(f"killed rank 1 in {pods['1']} at step {killed_at} (checkpoint {first_ckpt})")
 
     # The operator starts attempt 2, which resumes from that checkpoint.
     wait_for(lambda: len(training_pods(ns, 1)) == 2, 300, "the second attempt's pods")
