@@ -346,3 +346,10 @@ def test_admitted_again_the_same_gang_resumes_and_says_when():
     again = reconcile(api, Settings(), body(status={**TRAINING, "reason": "Training", "admittedAt": "2026-12-04T10:00:00Z"}),
                       adopt=lambda obj: None)
     assert again.status["admittedAt"] == "2026-12-04T10:00:00Z"
+
+
+def test_a_new_gang_does_not_show_the_prepare_jobs_admission():
+    api = FakeApi({"bot-prepare": done()})
+    outcome = reconcile(api, Settings(), body(status={"phase": "Preparing", "admittedAt": "2026-12-04T09:00:00Z"}),
+                        adopt=lambda obj: None)
+    assert outcome.reason == "Training" and outcome.status["admittedAt"] is None

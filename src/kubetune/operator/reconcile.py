@@ -195,7 +195,8 @@ class Step:
                 self.api.delete_job(self.ns, children.training_job_name(self.name, attempt - 1))
             self.ensure(children.headless_service(self.job))
             self.start(children.training_job(self.job, attempt, self.settings))
-            return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, self.retries, max_retries), prepared)
+            return Outcome(Phase.TRAINING, "Training", _attempt_text(attempt, self.retries, max_retries),
+                           {**prepared, "admittedAt": None})  # the gang's own admission, not the prepare Job's
         if state == JobState.COMPLETE:
             done = {**prepared, "outputModel": join(self.job.spec.output.uri, "model"), "completionTime": now()}
             if self.job.spec.serve.enabled:
