@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune.errors import KubetuneError
 from kubetune.graders.models import Grader
+from kubetune.graders.run import score_models
 
 API_GROUP = "kubetune.dev"
 API_VERSION = "v1alpha1"
@@ -188,8 +189,7 @@ class Rft(_Model):
     def _no_judge(cls, grader):
         # The trainer reaches no model endpoint (a judge would need one per job, and credentials): refused here
         # rather than failing at the first step.
-        subs = getattr(grader, "graders", None) or {}
-        if grader.type == "score_model" or any(g.type == "score_model" for g in subs.values()):
+        if score_models(grader):
             raise ValueError("score_model graders are not supported in training yet (the trainer reaches no "
                              "model endpoint); use string_check, text_similarity, python or multi")
         return grader
