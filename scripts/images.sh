@@ -99,10 +99,22 @@ build() {
 save() {  # IMAGE as an OCI layout tar on stdout
   # Through an OCI layout folder kept in the cache: buildah writes only the layers that changed
   # (uncompressed, so they keep their digests), and containerd skips the layers it already has.
-  local dir="$cache/oci/${1//[\/:]/_}"
-  mkdir -p "$dir"
-  buildah push -q --disable-compression "$1" "oci:$dir:$1" > /dev/null
-  python3 - "$dir" <<'PY'  # drop the blobs of earlier builds that no manifest names any more
+  # The folder is stamped with the image's ID: pushing even an unchanged 3 GB image re-hashes every
+  # layer (~80 s), so an image already pushed is only tarred.
+  local dir="$cache/oci/${1//[\/:]/_}" id
+  id=$(buildah inspect --type image --format '{{.FromImageID}}' "$1")
+  if [ "$(cat "$dir.image-id" 2> /dev/null)" != "$id" ]; then
+    rm -f "$dir.image-id"
+    mkdir -p "$dir"
+    buildah push -q --disable-compression "$1" "oci:$dir:$1" > /dev/null
+    prune_blobs "$dir"
+    echo "$id" > "$dir.image-id"
+  fi
+  tar -C "$dir" -c .
+}
+
+prune_blobs() {  # DIR: drop the blobs of earlier builds that no manifest names any more
+  python3 - "$1" <<'PY'
 import json, sys
 from pathlib import Path
 root = Path(sys.argv[1]); blobs = root / "blobs" / "sha256"
@@ -115,7 +127,6 @@ for blob in blobs.iterdir():
     if blob.name not in keep:
         blob.unlink()
 PY
-  tar -C "$dir" -c .
 }
 
 pause_image() {
