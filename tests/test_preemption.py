@@ -53,6 +53,50 @@ def test_sigterm_checkpoints_the_last_step_and_the_rerun_redoes_none(tmp_path):
     assert [r["step"] for r in rows((out / "metrics.csv").read_text())] == [str(s) for s in range(1, 41)]
 
 
+
+@pytest.mark.parametrize("moment", ["while it imports", "while its ranks start"])
+def test_a_sigterm_while_a_training_pod_starts_stops_it_at_once_with_143(tmp_path, moment):
+    """Kueue may preempt a Job seconds after admitting it. The pod's command runs as PID 1 of its own PID namespace
+    (as in a container: a signal it has no handler for is dropped, not fatal); the SIGTERM comes from outside it,
+    as the kubelet's does. It ends the pod at once, as stopped (143: the Job's podFailurePolicy ignores it), not
+    after the grace period, and not as a failure (torchrun exits 1 when a rank still starting dies of it)."""
+    import psutil
+
+    job = make_job(tmp_path, str(tmp_path / "out"), "startterm", training={"maxSteps": 40})
+    prepare(parse_job(json.loads(job.read_text())), log=lambda _: None)
+    env = {**os.environ, **cpu_threads_env(2), "KUBETUNE_SCRATCH": str(tmp_path / "scratch")}
+    command = Path(sys.executable).with_name("kubetune")  # the console script, as the pod runs it
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", str(command), "train-job", str(job),
+                             "--nproc-per-node=2", "--standalone"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    # "While it imports": as soon as the process handles SIGTERM, i.e. once the interpreter runs kubetune's first
+    # line (a signal before that, in the interpreter's own start, tens of milliseconds, is lost as for any PID 1).
+    while not (pid1 := psutil.Process(proc.pid).children()) or not catches_sigterm(pid1[0].pid) or (
+            moment == "while its ranks start" and not any("kubetune.train" in c.cmdline()
+                                                           for c in pid1[0].children(recursive=True))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
+    if moment == "while it imports":  # handled from its start: before it loads torch (seconds), not after
+        assert "libtorch" not in Path(f"/proc/{pid1[0].pid}/maps").read_text()
+    signalled = time.monotonic()
+    pid1[0].send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_STOPPED, log[-3000:]
+    assert time.monotonic() - signalled < 60, log[-3000:]
+    assert "step 40/40" not in log
+    if moment == "while it imports":
+        assert "kubetune.train" not in log and "torch" not in log, log[-3000:]  # stopped before torchrun began
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (its SigCgt mask in /proc)."""
+    try:
+        caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
 # The NaN is faked: a tiny fp32 model under AdamW's normalized steps stays finite even at learning
 # rate 1e4 (tried), while real runs diverge in bf16/fp16 at scale. Each rank's loss turns NaN from its
 # 6th training micro batch on (validation is left alone), through a sitecustomize module that wraps

@@ -7,7 +7,7 @@ import argparse
 import sys
 import traceback
 
-from kubetune.errors import KubetuneError, missing_extra, report, stop_on_sigterm
+from kubetune.errors import KubetuneError, exit_on_sigterm, missing_extra, report, stop_on_sigterm
 from kubetune.spec import load_job
 
 
@@ -74,7 +74,6 @@ def _train_pod(args) -> int:
     evaluation, once the gang has let go of the accelerators. A failed rank's class is the pod's exit
     code (what the Job's podFailurePolicy reads) and its cause the termination message."""
     from kubetune.errors import write_termination_log
-    from kubetune.evaluate.run import evaluate_after_training
     from kubetune.train.launch import launcher_command, node_rank, run_ranks
 
     code, cause = run_ranks(launcher_command(args.job, args.launcher), {}, pass_signals=True)
@@ -82,6 +81,8 @@ def _train_pod(args) -> int:
         print(f"\n{cause}", file=sys.stderr, flush=True)
         write_termination_log(cause)
     if not code and node_rank(args.launcher) == 0:
+        from kubetune.evaluate.run import evaluate_after_training  # torch: seconds, not before the ranks start
+
         evaluate_after_training(load_job(args.job))
     return code
 
@@ -366,6 +367,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()  # again here for `python -m kubetune.cli` and callers of main(): kubetune.command
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -49,6 +49,12 @@ class Terminated(Transient):
     """SIGTERM: a deleted pod, an eviction, a drain. The Job's podFailurePolicy tells a disruption from a kill."""
 
 
+def exit_on_sigterm() -> None:
+    """Until a command handles SIGTERM its own way (the trainer checkpoints, servers drain, preparation stops with
+    75): exit 143 at once. A container's PID 1 ignores a SIGTERM it has no handler for (``kubetune.command``)."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def stop_on_sigterm(what: str) -> None:
     """End ``what`` at once on SIGTERM, with exit 75. A container's PID 1 ignores SIGTERM it does not handle, so
     without this an evicted or deleted pod would go on until the kubelet's SIGKILL, grace period later."""

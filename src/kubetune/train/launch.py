@@ -62,11 +62,14 @@ def run_passing_signals(command: list[str], env: dict[str, str] | None = None) -
     """Run ``command``, passing SIGTERM and SIGINT on to it; a signal after it has ended ends us.
 
     A pod's first process gets no default signal handling, so without this the kubelet's SIGTERM
-    would be ignored until the grace period ran out; torchrun stops its ranks on it.
+    would be ignored until the grace period ran out; torchrun stops its ranks on it. Once signalled,
+    a ``command`` that fails ends with the signal's code (143 for SIGTERM: stopped, not failed):
+    torchrun exits 1 however its ranks ended, and a rank still starting dies of the signal.
     """
-    proc = subprocess.Popen(command, env=env)
+    proc, received = subprocess.Popen(command, env=env), []
 
     def on_signal(signum, _frame):
+        received.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
         else:
@@ -75,7 +78,8 @@ def run_passing_signals(command: list[str], env: dict[str, str] | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     code = proc.wait()
-    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    code = 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    return 128 + received[0] if code and received else code
 
 
 def cpu_threads_env(nproc: int) -> dict[str, str]:
