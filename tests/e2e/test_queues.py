@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from e2e_cluster import (KUBECONFIG, bucket, create_credentials, env, get_json, job_pods, kubectl, log, log_from_step,
-                         small_job, wait_for)
+from e2e_cluster import (KUBECONFIG, bucket, create_credentials, env, get_json, job_pods, kubectl, last_step, log,
+                         log_from_step, small_job, wait_for)
 from e2e_cluster import namespace, operator_release, s3  # noqa: F401  (the session's fixtures)
 from conftest import EXAMPLES
 
@@ -197,8 +197,10 @@ def test_three_jobs_queue_in_order_a_team_borrows_and_a_high_priority_job_preemp
     assert victim["phase"] == "Succeeded" and not victim.get("retries") and victim["trainingJob"] == "victim-train-0"
     # Kueue may admit the victim again between urgent's two Jobs (prepare, then the training gang) and preempt it
     # once more: every admission must resume where the one before it stopped.
-    redone = steps_redone(victim_logs.stop())
-    assert redone and not any(redone), redone
+    logs = victim_logs.stop()
+    redone = steps_redone(logs)
+    assert redone and not any(redone), (redone, [[line[-160:] for line in text.splitlines() if re.search(
+        r"resuming|stopped|\[train\]|error", line)] + [f"last step {last_step(text)}"] for text in logs])
     ours, reference = final_losses(s3, "victim"), final_losses(s3, "first")
     assert ours["step"] == reference["step"] == 40
     assert ours["train_loss"] == pytest.approx(reference["train_loss"], abs=1e-6), (ours, reference)

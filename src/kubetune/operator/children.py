@@ -137,6 +137,10 @@ def _pod_spec(job: FineTuneJob, container: dict, extra_volumes: list[dict] = ())
         "terminationGracePeriodSeconds": job.spec.resources.termination_grace_period_seconds,
         "serviceAccountName": names(job.metadata.name)["account"],
         "securityContext": _POD_SECURITY,
+        # The pod's pause process is PID 1, not kubetune: a container's PID 1 drops a signal it has no handler for,
+        # and a SIGTERM in the first instants (Kueue preempting a Job it has just admitted) was lost, the pod
+        # running on for its whole grace period. Now such a SIGTERM ends it at once (exit 143: stopped).
+        "shareProcessNamespace": True,
         "containers": [{
             **container,
             "securityContext": _CONTAINER_SECURITY,
