@@ -42,7 +42,7 @@ TOLERATION_KEY = f"^({LABEL_KEY[1:-1]})?$"  # empty: every taint (with operator:
 DURATION = r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"  # Go's time.Duration form, as kubectl and Kueue write them: 30m, 1h30m, 90s
 CHECKPOINT_REF = r"^(last|best|step-[0-9]+)$"
 VALIDATION_METRICS = ("valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy",
-                      "valid_reward")
+                      "valid_reward", "valid_reply_pmi")  # no generation; valid_reply_pmi only after training
 ValidationMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy",
                            "valid_reward"]
 Uri = Annotated[str, Field(min_length=1, max_length=4096)]
@@ -343,7 +343,8 @@ class Resources(_Model):
         return self
 
 
-GateMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy", "rouge_l",
+GateMetric = Literal["valid_loss", "valid_perplexity", "valid_mean_token_accuracy", "valid_pref_accuracy",
+                     "valid_reply_pmi", "rouge_l",
                      "bleu", "semantic_similarity", "repetition_rate", "distinct_1", "distinct_2", "empty_rate",
                      "truncated_rate", "grader_score"]
 

@@ -503,12 +503,12 @@ def test_a_schedule_keeps_the_model_up_to_date(s3, namespace, operator_release):
     chats = [json.loads(line) for line in (EXAMPLES / "data" / "support-chat.jsonl").read_text().splitlines()]
     put_lines(client, "loop/golden.jsonl", chats[:12])
     put_lines(client, "loop/data/first.jsonl", chats[12:112])
-    template = small_job(s3, "bot", "s3://kubetune/loop/data/", maxSteps=20)["spec"]
+    template = small_job(s3, "bot", "s3://kubetune/loop/data/", maxSteps=120)["spec"]  # ~0.2 s a step
     template["output"] = {"uri": "s3://kubetune/loop/models/"}
     template["resources"]["prepare"] = {"cpu": "500m"}
     schedule = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneSchedule", "metadata": {"name": "bot"}, "spec": {
         "trigger": {"newData": {"uri": "s3://kubetune/loop/data/", "minExamples": 20, "pollSeconds": 30}},
-        "replayFraction": 0.2, "promotion": {"metric": "valid_loss", "minDelta": 0.05,
+        "replayFraction": 0.2, "promotion": {"metric": "valid_reply_pmi", "minDelta": 0.02,
                                              "goldenSet": "s3://kubetune/loop/golden.jsonl"},
         "serve": {"cpu": "200m", "memory": "1Gi", "capture": {"uri": "s3://kubetune/loop/captured/"}},
         "jobTemplate": template}}
@@ -544,18 +544,18 @@ def test_a_schedule_keeps_the_model_up_to_date(s3, namespace, operator_release):
     manifest = json.loads(client.get_object(Bucket="kubetune", Key="loop/models/bot-r2/data.manifest.json")["Body"].read())
     assert {o["Key"] for o in feedback} <= {f["uri"].removeprefix("s3://kubetune/") for f in manifest["files"]}, manifest
     revision = schedule_status(ns, "bot")["revisions"][-1]
+    assert revision["metrics"]["golden_valid_reply_pmi"] > revision["metrics"]["served_golden_valid_reply_pmi"] + 0.02
     assert revision["metrics"]["golden_valid_loss"] < revision["metrics"]["served_golden_valid_loss"], revision
 
-    # 3. Poisoned data, with the bar raised (a template edit reaches the next run): run 3 fails the golden-set gate,
-    # the endpoint stays on run 2, and an Event says why. (Shuffled replies alone still lower a tiny model's golden
-    # loss by about as much as clean data does: at this size only the bar refuses them; see the README.)
-    kubectl("patch", "fts", "bot", "-n", ns, "--type=merge", "-p", json.dumps({"spec": {"promotion": {"minDelta": 2.0}}}))
+    # 3. Poisoned data: run 3 fails the same golden-set gate (its replies no longer depend on what was asked, though
+    # its golden loss may well fall), the endpoint stays on run 2, and an Event says why.
     put_lines(client, "loop/data/third.jsonl", poisoned(chats[212:312]))
     result = wait_for(lambda: (lambda r: r if r and r["run"] == "bot-r3" else None)(
         schedule_status(ns, "bot").get("lastResult")), 1200, "run 3 judged", interval=2)
     assert result["result"] == "GateFailed" and schedule_status(ns, "bot")["servedRevision"] == 2, result
     events = get_json("events", "-n", ns, "--field-selector", "involvedObject.name=bot")["items"]
     assert any(e["reason"] == "NotPromoted" and "bot-r3" in e["message"] for e in events), [e["message"] for e in events]
+    log(f"run 2 promoted: {revision['metrics']}")
     log(f"run 3 (poisoned) not promoted: {result['message']}; "
         f"data: {get_json('ftj', 'bot-r3', '-n', ns)['status']['dataReport']}")
 

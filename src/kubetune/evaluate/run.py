@@ -29,12 +29,14 @@ from kubetune.data.formats import template_messages
 from kubetune.evaluate import parity
 from kubetune.evaluate.gate import Verdict, better, combine, compared
 from kubetune.evaluate.parity import Parity
+from kubetune.evaluate.pmi import reply_pmi
 from kubetune.evaluate.scores import score
 from kubetune.spec import FineTuneJob
 from kubetune.storage import Mirror, NotFound, is_s3, join, store_for
 from kubetune.train.progress import LocalSink, reporter_for
 
 SHOWN_SAMPLES = 5
+PMI_REPLIES = 200  # held-out replies valid_reply_pmi reads (4 forward passes each)
 
 
 @dataclass
@@ -197,7 +199,8 @@ def _score_split(job: FineTuneJob, m: Models, tokenizer, root: Path, split: str,
         from kubetune.evaluate.rft import score_prompts
 
         return score_prompts(job, m.models, m.own, tokenizer, _records(root, split), split, generate, Prompt, log)
-    pairs = held_out(_records(root, split), ev.samples, t.seed)
+    records = _records(root, split)
+    pairs = held_out(records, ev.samples, t.seed)
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     results, replies, notes = {}, {}, []
     shared = {name: model for name, model in m.models.items() if name not in m.own}
@@ -211,8 +214,11 @@ def _score_split(job: FineTuneJob, m: Models, tokenizer, root: Path, split: str,
         metrics, why = score(replies[name], references, [g[1] for g in generated]) if prompts else ({}, [])
         if name not in shared:
             loss = {}
-        else:
-            loss = valid[name] if t.objective == "dpo" else validation(model, root, tokenizer.pad_token_id, split)
+        elif t.objective == "dpo":
+            loss = valid[name]
+        else:  # the reply PMI first: validation() fuses the loss into the output layer
+            pmi = reply_pmi(model, tokenizer, held_out(records, PMI_REPLIES, t.seed), job.spec.preprocessing.max_seq_length)
+            loss = {**validation(model, root, tokenizer.pad_token_id, split), "valid_reply_pmi": pmi}
         results[name] = {**loss, **metrics}
         notes += [n for n in why if n not in notes]
     examples = [{"prompt": p.messages, "reference": r, **{name: replies[name][i] for name in m.models}}
