@@ -195,12 +195,12 @@ def _models(job: FineTuneJob, root: Path, scratch: Path, tokenizer, device: str)
 def _score_split(job: FineTuneJob, m: Models, tokenizer, root: Path, split: str, log: Callable[[str], None]) -> dict:
     """Every model on one split (validation or golden): its validation figures and (evaluation.samples) replies."""
     ev, t = job.spec.evaluation, job.spec.training
+    records = _records(root, split)
     if t.objective == "rft":  # prompts and items, no reference answers: the grader scores the replies
         from kubetune.evaluate.rft import score_prompts
 
-        return score_prompts(job, m.models, m.own, tokenizer, _records(root, split), split, generate, Prompt, log)
-    records = _records(root, split)
-    pairs = held_out(records, ev.samples, t.seed)
+        return score_prompts(job, m.models, m.own, tokenizer, records, split, generate, Prompt, log)
+    pairs, pmi_pairs = held_out(records, ev.samples, t.seed), held_out(records, PMI_REPLIES, t.seed)
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
     results, replies, notes = {}, {}, []
     shared = {name: model for name, model in m.models.items() if name not in m.own}
@@ -217,7 +217,7 @@ def _score_split(job: FineTuneJob, m: Models, tokenizer, root: Path, split: str,
         elif t.objective == "dpo":
             loss = valid[name]
         else:  # the reply PMI first: validation() fuses the loss into the output layer
-            pmi = reply_pmi(model, tokenizer, held_out(records, PMI_REPLIES, t.seed), job.spec.preprocessing.max_seq_length)
+            pmi = reply_pmi(model, tokenizer, pmi_pairs, job.spec.preprocessing.max_seq_length)
             loss = {**validation(model, root, tokenizer.pad_token_id, split), "valid_reply_pmi": pmi}
         results[name] = {**loss, **metrics}
         notes += [n for n in why if n not in notes]
