@@ -42,6 +42,12 @@ def test_request_becomes_a_job_on_top_of_the_defaults():
     assert job["hyperparameters"] == {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 2.0}
     assert job["status"] == "validating_files" and job["created_at"] == 1795341600 and job["model"] == "llama-1b"
     assert json.loads(doc["metadata"]["annotations"][J.ANNOTATION])["suffix"] == "s"
+    # every example the file check accepted is trained on: a one-letter label is no too-short reply to drop
+    assert spec["preprocessing"] == {"minChars": 0}
+    strict = J.ApiSettings(files_uri="s3://b/files/", outputs_uri="s3://b/jobs/",
+                           job_defaults={"preprocessing": {"minChars": 4, "maxSeqLength": 512}})
+    doc = J.job_document({"training_file": "file-a", "model": "kubetune-tiny"}, "ftjob-y", "ns", FILES, strict)
+    assert doc["spec"]["preprocessing"] == {"minChars": 4, "maxSeqLength": 512}  # api.jobDefaults decides
 
 
 @pytest.mark.parametrize("body, param", [

@@ -36,6 +36,9 @@ LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier
 INTEGERS = ("n_epochs", "batch_size", "eval_interval", "eval_samples")
 COMMON = ("n_epochs", "batch_size", "learning_rate_multiplier")
 METHODS = {"supervised": COMMON, "dpo": COMMON + ("beta",), "reinforcement": COMMON + R.EXTRA}
+# OpenAI trains on every line its file check accepted: a one-letter answer (a classification label) is no
+# "too short" reply to drop, as the spec's cleaning default would. api.jobDefaults can set it back.
+API_DEFAULTS = {"preprocessing": {"minChars": 0}}
 SHAPES = {"supervised": "chat", "dpo": "preference", "reinforcement": "reinforcement"}  # files.py's kinds
 NEEDS = {"chat": "chat examples", "preference": "preference pairs (input, preferred_output, non_preferred_output)",
          "reinforcement": "reinforcement prompts (messages without a final assistant turn, plus item fields)"}
@@ -211,7 +214,7 @@ def job_document(body: dict, name: str, namespace: str, files: dict[str, dict], 
     if body.get("validation_file") is not None:
         dataset["validation"] = _file_uri(files, body["validation_file"], "validation_file", kind, grader)
 
-    spec = deep_merge(settings.job_defaults, {"model": model, "dataset": dataset})
+    spec = deep_merge(deep_merge(API_DEFAULTS, settings.job_defaults), {"model": model, "dataset": dataset})
     training = spec.setdefault("training", {})
     if kind == "dpo":
         training["objective"] = "dpo"
