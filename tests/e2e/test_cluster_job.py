@@ -179,18 +179,27 @@ def test_the_whole_job_runs_as_pods(s3, namespace, operator_release):
     assert after > 0 and client.list_objects_v2(Bucket="kubetune", Prefix="data/")["KeyCount"] > 0
 
 
-def test_an_openai_fine_tuning_script_runs_unchanged(s3, namespace, operator_release):
+def test_an_openai_fine_tuning_script_runs_unchanged(s3, namespace, operator_release, tmp_path):
     """examples/openai_finetune.py, written for OpenAI's API, with only OPENAI_BASE_URL and OPENAI_API_KEY
-    set: upload, a supervised job, a DPO job on its model (fromJob), events, chat by model name."""
+    set: upload, a supervised job, a DPO job on its model (fromJob), events, chat by model name. Beside it,
+    at the same time, the same script's reinforcement variant: a grader validated and run, a reinforcement
+    fine-tuning job with that string_check grader, its reward events and checkpoints, a chat with the result."""
     ns = namespace
+    bucket(s3)  # made by the first test, unless this one runs alone
     create_credentials(ns)  # what the jobs' pods read (api.storage.credentialsSecret)
     base_url, token = api_access(ns, "team-bot")
+    script_env = {**env(), "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": token}
+    prompts = tmp_path / "tickets.jsonl"  # a few: the method and its plumbing (tests/test_rft.py: learning)
+    prompts.write_text("".join((EXAMPLES / "rft-labels.jsonl").read_text().splitlines(keepends=True)[:60]))
     started = time.monotonic()
+    rft = subprocess.Popen([sys.executable, str(EXAMPLES / "openai_finetune.py"), "kubetune-tiny", "--rft", str(prompts)],
+                           env=script_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = subprocess.run([sys.executable, str(EXAMPLES / "openai_finetune.py"), "kubetune-tiny",
                           str(EXAMPLES / "data" / "support-chat.jsonl"), "--dpo", str(EXAMPLES / "preference.jsonl")],
-                         env={**env(), "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": token},
-                         capture_output=True, text=True, timeout=1500)
+                         env=script_env, capture_output=True, text=True, timeout=1500)
     log(f"openai_finetune.py took {time.monotonic() - started:.0f}s:\n{run.stdout[-3000:]}")
+    rft_out = rft.communicate(timeout=max(60, 1500 - (time.monotonic() - started)))[0]
+    log(f"openai_finetune.py --rft took {time.monotonic() - started:.0f}s:\n{rft_out[-3000:]}")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count(": succeeded,") == 2 and "Step " in run.stdout and "checkpoint ft:" in run.stdout
     # the reply, as repr() prints it: in double quotes when it holds a single one
@@ -199,6 +208,18 @@ def test_an_openai_fine_tuning_script_runs_unchanged(s3, namespace, operator_rel
     jobs = get_json("ftj", "-n", ns)["items"]
     dpo = next(j for j in jobs if j["spec"]["training"].get("objective") == "dpo")
     assert "fromJob" in dpo["spec"]["model"] and dpo["status"]["phase"] == "Succeeded"
+
+    assert rft.returncode == 0, rft_out[-3000:]
+    assert "grader 'label' gives the sample 'A' " in rft_out and rft_out.count(": succeeded,") == 1, rft_out[-3000:]
+    assert re.search(r"Step \d+/\d+: .*train_reward_mean=", rft_out), rft_out[-3000:]  # the rewards, as events
+    assert re.search(r"checkpoint ft:\S+:ckpt-step-\d+: .*valid_reward_mean", rft_out), rft_out[-3000:]
+    assert re.search(rf"^ft:kubetune-tiny:{ns}:rft:ftjob-\w+: ['\"]", rft_out, re.M), rft_out[-1000:]
+    reinforced = next(j for j in get_json("ftj", "-n", ns)["items"] if j["spec"]["training"].get("objective") == "rft")
+    assert reinforced["status"]["phase"] == "Succeeded"
+    assert reinforced["spec"]["training"]["rft"]["grader"]["reference"] == "{{item.label}}"
+    assert "reward_mean" in reinforced["status"]["progress"]["metrics"]
+    # its serving pod would hold CPU the later scenarios in this namespace need (a 2-core node)
+    kubectl("delete", "ftj", reinforced["metadata"]["name"], "-n", ns, "--wait=false")
     assert_no_secret(ns)
     assert token not in "".join(cluster_texts(ns)) + kubectl("logs", "-n", RELEASE_NS, "deployment/kubetune-api").stdout
 
