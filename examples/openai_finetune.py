@@ -1,12 +1,13 @@
 """A script written for OpenAI's fine-tuning API: upload, train (supervised, then DPO or reinforcement
-fine-tuning, on its own or on top), watch the events, list the checkpoints, chat with the result. Nothing in it knows
-about kubetune; point it at a cluster with the two variables every OpenAI client reads:
+fine-tuning on top, or either alone), watch the events, list the checkpoints, chat with the result.
+Nothing in it knows about kubetune; point it at a cluster with the two variables every OpenAI client reads:
 
     export OPENAI_BASE_URL=http://kubetune-api.kubetune-system.svc:8080/v1   # kubetune api
     export OPENAI_API_KEY=$(kubectl create token my-team-bot -n my-team --audience kubetune)  # a Kubernetes token
     python examples/openai_finetune.py kubetune-tiny examples/data/support-chat.jsonl \
         --dpo examples/preference.jsonl
-    python examples/openai_finetune.py kubetune-tiny --rft examples/rft-labels.jsonl   # graded: see --grader
+    python examples/openai_finetune.py kubetune-tiny examples/rft-warmup.jsonl \
+        --rft examples/rft-labels.jsonl     # a supervised warm-up, then graded (see --grader)
 """
 
 from __future__ import annotations

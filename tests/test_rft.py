@@ -1,7 +1,8 @@
 """Reinforcement fine-tuning (training.objective: rft): the spec, preparation of prompts with their items, the
 GRPO math, generation agreeing with the packed scoring, and real DeepSpeed runs on CPU with a tiny from-config
-Llama: it learns to route examples/rft-labels.jsonl's tickets (its held-out grader score rises clearly above
-the base model's), and a run stopped by SIGTERM resumes on the same prompt batches."""
+Llama: after a supervised warm-up that knows the teams by name but answers with random letters, it learns to
+route examples/rft-labels.jsonl's tickets from the grader alone (its held-out grader score rises clearly above
+the warm-up's), and a run stopped by SIGTERM resumes on the same prompt batches."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from kubetune.train import grpo
 from kubetune.train.launch import cpu_threads_env, torchrun_command
 from kubetune.train.plan import fingerprint, make_plan, step_rows
 
+STEPS, MARGIN = 150, 0.1  # measured: held-out 0.44 -> 0.56, training rewards 0.30 -> 0.69 (README)
 GRADER = {"type": "string_check", "name": "team", "input": "{{sample.output_text}}", "reference": "{{item.label}}",
           "operation": "eq"}
 
@@ -140,17 +142,28 @@ def test_padded_generation_agrees_with_packed_scoring(tmp_path):
 
 # ---- real runs -----------------------------------------------------------------------------------------------
 
-def labels_job(tmp_path: Path, name: str, **training) -> Path:
-    """examples/rft-job.yaml, shortened for a test, its output under tmp_path."""
-    doc = yaml.safe_load((EXAMPLES / "rft-job.yaml").read_text())
+def example_job(tmp_path: Path, example: str, name: str, model: dict | None = None, **training) -> Path:
+    """examples/EXAMPLE.yaml, shortened for a test, its data from examples/ and its output under tmp_path;
+    prepared. ``model`` replaces the example's (rft-job.yaml's starts from the warm-up's output)."""
+    doc = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
     doc["metadata"]["name"] = name
-    doc["spec"]["dataset"]["train"] = str(EXAMPLES / "rft-labels.jsonl")
+    doc["spec"]["dataset"]["train"] = str(EXAMPLES / Path(doc["spec"]["dataset"]["train"]).name)
     doc["spec"]["output"]["uri"] = str(tmp_path / name)
+    doc["spec"]["model"] = model or doc["spec"]["model"]
     doc["spec"]["training"].update(training)
-    doc["spec"]["evaluation"] = {"samples": 48, "gate": {"metric": "grader_score", "mustBeat": "base"}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     prepare(parse_job(doc), log=lambda _: None)
+    return path
+
+
+def labels_job(tmp_path: Path, name: str, model: dict | None = None, **training) -> Path:
+    """examples/rft-job.yaml from ``model`` (default: a fresh tiny model), gated on grader_score."""
+    path = example_job(tmp_path, "rft-job", name, model or {"fromConfig": {"size": "tiny", "vocabSize": 320}},
+                       **training)
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["evaluation"] = {"samples": 50, "gate": {"metric": "grader_score", "mustBeat": "base"}}
+    path.write_text(yaml.safe_dump(doc))
     return path
 
 
@@ -162,20 +175,25 @@ def run_ranks(job: Path, scratch: Path, nproc: int, timeout: int = 600) -> str:
 
 
 @pytest.mark.slow
-def test_rft_raises_the_held_out_grader_score_above_the_base_model(tmp_path):
-    """From random weights: the model first finds the team letters by sampling (about 1 sample in 100 at
-    first), then its greedy answers to held-out tickets score clearly better than the base model's."""
-    job = labels_job(tmp_path, "learn", maxSteps=30, learningRate=1e-2, checkpointEvery=30, evalEvery=30,
-                     rft={"grader": GRADER, "samplesPerPrompt": 8, "maxNewTokens": 1, "klCoef": 0.01})
-    run_ranks(job, tmp_path / "scratch", 1)
+def test_rft_teaches_the_routing_that_only_the_grader_knows(tmp_path):
+    """examples/rft-warmup.yaml then examples/rft-job.yaml: the warm-up names a ticket's team but answers the
+    routing prompt with a letter picked at random (its held-out grader score is about 1/3: the share of its one
+    greedy letter). Reinforcement fine-tuning, from grades alone, teaches which letter is which team: the
+    held-out score rises clearly above the warm-up's, as do the training rewards."""
+    scratch = tmp_path / "scratch"
+    run_ranks(example_job(tmp_path, "rft-warmup", "warmup"), scratch, 1)
+    job = labels_job(tmp_path, "learn", {"source": str(tmp_path / "warmup" / "model")}, maxSteps=STEPS,
+                     checkpointEvery=STEPS, evalEvery=STEPS)
+    run_ranks(job, scratch, 1)
     report = evaluate_job(parse_job(yaml.safe_load(job.read_text())), log=lambda _: None)
     base, tuned = (report["metrics"][m]["grader_score"] for m in ("base", "fine_tuned"))
-    assert tuned >= base + 0.25, report["metrics"]
-    assert report["gate"]["passed"] and report["samples"] == 48
+    print(f"held-out grader_score: warm-up {base:.3f}, after RFT {tuned:.3f}")
+    assert 0.15 < base < 0.6 and tuned >= base + MARGIN, report["metrics"]
+    assert report["gate"]["passed"] and report["samples"] == 50
     metrics = (tmp_path / "learn" / "metrics.csv").read_text().splitlines()
     assert metrics[0].split(",")[:6] == ["step", "epoch", "train_loss", "reward_mean", "reward_std", "kl"]
     rewards = [float(line.split(",")[3]) for line in metrics[1:]]
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards  # training rewards rose too
+    assert sum(rewards[-25:]) / 25 > sum(rewards[:25]) / 25 + MARGIN, rewards  # training rewards rose too
     assert (tmp_path / "learn" / "loss_curve.png").exists()
 
 
