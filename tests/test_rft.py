@@ -6,6 +6,7 @@ the warm-up's), and a run stopped by SIGTERM resumes on the same prompt batches.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import torch
 import yaml
 
 from conftest import EXAMPLES, job_doc
+from test_graders import ChatServer
 from kubetune.crd import spec_schema
 from kubetune.data.prepare import prepare
 from kubetune.data.prompts import MissingItemField
@@ -52,8 +54,8 @@ def test_spec_defaults_and_errors_name_the_field(tmp_path):
              ({"grader": {**GRADER, "operation": "is"}}, "spec.training.rft.grader.string_check.operation"),
              ({"grader": {**GRADER, "type": "nope"}}, "spec.training.rft.grader"),
              ({"grader": {"type": "score_model", "name": "judge", "model": "m", "input": [
-                 {"role": "user", "content": "{{sample.output_text}}"}]}}, "spec.training.rft.grader: "
-              "score_model graders are not supported in training yet")]
+                 {"role": "user", "content": "{{sample.output_text}}"}]}}, "spec.training.rft: judges has no "
+              "endpoint for the score_model model 'm'")]
     for rft, field in cases:
         with pytest.raises(SpecError) as e:
             parse_job(rft_doc("d.jsonl", "out", rft))
@@ -227,3 +229,38 @@ def test_sigterm_then_resume_trains_on_the_same_prompt_batches(tmp_path):
     plan = make_plan(prompts, 4, 2, 2, 3, 30)
     assert [r["batch"] for r in rows] == [fingerprint(step_rows(plan, 42, s)) for s in range(30)]
     assert "samples_per_second" in header and (out / "model").exists()
+
+
+@pytest.mark.slow
+def test_a_score_model_grader_asks_its_judge_for_every_sample(tmp_path):
+    """A score_model grader in training: every sampled answer goes, its template filled, to the judge named in
+    training.rft.judges (a real HTTP server on loopback that answers the score the message asks for; a model's
+    scores could not be asserted), and each step's reward is the judge's."""
+    points = {"A": 2, "B": 5, "C": 9}
+    lines = [json.loads(line) for line in (EXAMPLES / "rft-labels.jsonl").read_text().splitlines()[:60]]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({**x, "points": points[x["label"]]}) + "\n" for x in lines))
+    judge = {"type": "score_model", "name": "judge", "model": "team-judge", "range": [0, 10], "input": [
+        {"role": "user", "content": "Ticket for team {{item.label}}, answer {{sample.output_text}}. REPLY:{{item.points}}"}]}
+    server = ChatServer()
+    try:
+        doc = rft_doc(str(data), str(tmp_path / "out"), {"grader": judge, "samplesPerPrompt": 2, "maxNewTokens": 2,
+                                                         "judges": {"team-judge": {"url": server.url}}},
+                      maxSteps=2, globalBatchSize=4, microBatchSize=4, evalEvery=100, checkpointEvery=100)
+        job = tmp_path / "judge.yaml"
+        job.write_text(yaml.safe_dump(doc))
+        prepare(parse_job(doc), log=lambda _: None)
+        run_ranks(job, tmp_path / "scratch", 1)
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+    train = [json.loads(x) for x in (tmp_path / "out" / "prepared" / "train.jsonl").read_text().splitlines()]
+    plan = make_plan(len(train), 4, 4, 1, 3, 2)
+    rows = list(csv.DictReader((tmp_path / "out" / "metrics.csv").open()))
+    assert len(rows) == 2
+    for step, row in enumerate(rows):
+        expected = sum(train[int(i)]["item"]["points"] for i in step_rows(plan, 42, step)) / 4
+        assert float(row["reward_mean"]) == pytest.approx(expected)  # each sample scored by the judge's reply
+    asked = [r for r in server.requests if r["path"] == "/v1/chat/completions"]
+    assert len(asked) >= 2 * 4 * 2 and asked[0]["body"]["model"] == "team-judge" and asked[0]["auth"] is None
+    assert asked[0]["body"]["messages"][0]["content"].startswith("Ticket for team ")

@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 from kubetune.errors import KubetuneError
 from kubetune.graders.models import Grader
 from kubetune.graders.run import score_models
+from kubetune.graders.score_model import ModelEndpoint
 
 API_GROUP = "kubetune.dev"
 API_VERSION = "v1alpha1"
@@ -165,6 +166,15 @@ class Dpo(_Model):
                               "the DPO loss.")
 
 
+class Judge(_Model):
+    """Where a score_model grader's model answers, as the job's pods reach it."""
+
+    url: Uri = Field(description="Base URL of an OpenAI-compatible API (its /chat/completions is under it), e.g. "
+                     "http://support-judge-serve.my-team.svc:8000/v1 for a kubetune endpoint in the cluster.")
+    model: str | None = Field(None, max_length=256, description="The model name to send; default the grader's "
+                              "model; empty: none (a kubetune endpoint serves one model and takes it as its own).")
+
+
 class Rft(_Model):
     """Reinforcement fine-tuning settings (objective: rft only): GRPO, each prompt's samples scored by the grader
     and compared with each other."""
@@ -183,16 +193,22 @@ class Rft(_Model):
                            "model (0: no reference model); TRL's beta.")
     clip_epsilon: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio to the "
                                 "sampling policy.")
+    judges: dict[str, Judge] = Field(default_factory=dict, max_length=16, description="For score_model graders: "
+                                     "each grader model's endpoint, by the name in the grader's model field. The "
+                                     "trainer sends no API key: an endpoint the job's pods may call as they are.")
 
-    @field_validator("grader")
-    @classmethod
-    def _no_judge(cls, grader):
-        # The trainer reaches no model endpoint (a judge would need one per job, and credentials): refused here
-        # rather than failing at the first step.
-        if score_models(grader):
-            raise ValueError("score_model graders are not supported in training yet (the trainer reaches no "
-                             "model endpoint); use string_check, text_similarity, python or multi")
-        return grader
+    @model_validator(mode="after")
+    def _every_judge_has_an_endpoint(self) -> Rft:
+        # Refused here, naming the field, rather than every sample scoring 0 from the first step on.
+        missing = sorted(score_models(self.grader) - set(self.judges))
+        if missing:
+            raise ValueError(f"judges has no endpoint for the score_model model {missing[0]!r}: add "
+                             f"judges: {{{missing[0]}: {{url: http://.../v1}}}}")
+        return self
+
+    def endpoints(self) -> dict[str, ModelEndpoint]:
+        """The graders' judge endpoints, for kubetune.graders.grade_batch."""
+        return {name: ModelEndpoint(j.url, model=j.model) for name, j in self.judges.items()}
 
 
 class Training(_Model):

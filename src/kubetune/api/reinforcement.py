@@ -10,8 +10,8 @@ Hyperparameters beside the common three (n_epochs, batch_size: prompts per step,
     reasoning_effort    → accepted and kept, but ignored: kubetune's models have no reasoning mode
 
 The grader is checked as /graders/validate checks it. A python grader runs in the job's pod under the job's
-ServiceAccount (README "Graders"). A score_model grader is refused: the trainer grades with no judge
-endpoints wired (kubetune.train.sampling), so every sample would fail to score.
+ServiceAccount (README "Graders"). A score_model grader is refused: this API does not wire a judge's
+endpoint to the job (training.rft.judges, which a FineTuneJob applied with kubectl may set).
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def job_grader(method: dict) -> Grader:
                            "answer", PARAM)
     grader = parse_grader_at(inner["grader"], "method.reinforcement.")
     if score_models(grader):
-        raise RequestError(400, "score_model graders cannot be used in fine-tuning jobs yet: the trainer has no "
-                           "endpoints for judge models wired, so no sample could be scored (try one with "
-                           "/v1/fine_tuning/alpha/graders/run; use string_check, text_similarity, python or a "
-                           "multi of them in jobs)", PARAM, "unsupported_grader")
+        raise RequestError(400, "score_model graders cannot be used in fine-tuning jobs created through this API "
+                           "yet: it wires no judge endpoints to a job's trainer (try one with "
+                           "/v1/fine_tuning/alpha/graders/run; a FineTuneJob applied with kubectl can name them in "
+                           "training.rft.judges; here, use string_check, text_similarity, python or a multi of "
+                           "them)", PARAM, "unsupported_grader")
     return grader
 
 

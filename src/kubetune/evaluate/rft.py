@@ -28,7 +28,8 @@ def score_prompts(job: FineTuneJob, models: dict, own: dict, tokenizer, records:
     for name, model in models.items():
         log(f"[evaluate] {name} on {split}: answering and grading {len(prompts)} prompts")
         replies[name] = [g[0] for g in generate(model, own.get(name, tokenizer), prompts, t.rft.max_new_tokens)]
-        graded = grade_batch(t.rft.grader, list(zip(replies[name], [r["item"] for r in records])))
+        graded = grade_batch(t.rft.grader, list(zip(replies[name], [r["item"] for r in records])),
+                             t.rft.endpoints())
         results[name] = {"grader_score": sum(g.reward for g in graded) / len(graded) if graded else None}
     examples = [{"prompt": p.messages, "reference": json.dumps(r["item"]), **{name: replies[name][i] for name in models}}
                 for i, (p, r) in enumerate(list(zip(prompts, records))[:SHOWN])]

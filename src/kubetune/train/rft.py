@@ -140,7 +140,7 @@ def sample_micro_batch(run: RftRun, idx: np.ndarray) -> Group:
     completions = sampling.sample(run.engine, prompts, r.samples_per_prompt, r.max_new_tokens, r.temperature,
                                   run.tokenizer.pad_token_id, run.tokenizer.eos_token_id, run.synced)
     items = [run.train[int(i)]["item"] for i in idx for _ in range(r.samples_per_prompt)]
-    rewards, subs = sampling.grades(r.grader, run.tokenizer, completions, items)
+    rewards, subs = sampling.grades(r, run.tokenizer, completions, items)
     repeated = [p for p in prompts for _ in range(r.samples_per_prompt)]
     advantages = grpo.group_advantages(torch.tensor(rewards), r.samples_per_prompt)
     return Group(grpo.completion_rows(repeated, completions), advantages, rewards, subs,
@@ -205,7 +205,7 @@ def validate(run: RftRun, prompts: list[dict] | None = None) -> dict:
         done = sampling.sample(run.engine, [p["prompt_ids"] for p in given], 1, r.max_new_tokens, None,
                                run.tokenizer.pad_token_id, run.tokenizer.eos_token_id, run.synced)
         if chunk:
-            rewards, _ = sampling.grades(r.grader, run.tokenizer, done, [p["item"] for p in chunk])
+            rewards, _ = sampling.grades(r, run.tokenizer, done, [p["item"] for p in chunk])
             total += torch.tensor([sum(rewards), len(rewards)], dtype=torch.float64)
     total = total.to(run.engine.device)
     dist.all_reduce(total)

@@ -58,8 +58,9 @@ def cut(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
-def grades(grader, tokenizer, completions: list[list[int]], items: list[dict]) -> tuple[list[float], list[dict]]:
-    """Each completion's reward and sub-rewards (a multi grader's, by name), graded as text."""
+def grades(rft, tokenizer, completions: list[list[int]], items: list[dict]) -> tuple[list[float], list[dict]]:
+    """Each completion's reward and sub-rewards (a multi grader's, by name), graded as text by ``rft``'s grader
+    (a score_model's requests go to ``rft.judges``, one sample after another)."""
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    results = grade_batch(grader, list(zip(texts, items)))
+    results = grade_batch(rft.grader, list(zip(texts, items)), rft.endpoints())
     return [r.reward for r in results], [r.sub_rewards for r in results]
