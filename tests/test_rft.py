@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from conftest import EXAMPLES, job_doc
-from test_graders import ChatServer
+from test_graders import chat_server, judge  # noqa: F401  (chat_server: the fixture)
 from kubetune.crd import spec_schema
 from kubetune.data.prepare import prepare
 from kubetune.data.prompts import MissingItemField
@@ -144,14 +144,17 @@ def test_padded_generation_agrees_with_packed_scoring(tmp_path):
 
 # ---- real runs -----------------------------------------------------------------------------------------------
 
-def example_job(tmp_path: Path, example: str, name: str, model: dict | None = None, **training) -> Path:
+def example_job(tmp_path: Path, example: str, name: str, model: dict | None = None, evaluation: dict | None = None,
+                **training) -> Path:
     """examples/EXAMPLE.yaml, shortened for a test, its data from examples/ and its output under tmp_path;
-    prepared. ``model`` replaces the example's (rft-job.yaml's starts from the warm-up's output)."""
+    prepared. ``model`` and ``evaluation`` replace the example's (rft-job.yaml's starts from the warm-up's
+    output)."""
     doc = yaml.safe_load((EXAMPLES / f"{example}.yaml").read_text())
     doc["metadata"]["name"] = name
     doc["spec"]["dataset"]["train"] = str(EXAMPLES / Path(doc["spec"]["dataset"]["train"]).name)
     doc["spec"]["output"]["uri"] = str(tmp_path / name)
     doc["spec"]["model"] = model or doc["spec"]["model"]
+    doc["spec"]["evaluation"] = evaluation or doc["spec"]["evaluation"]
     doc["spec"]["training"].update(training)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -161,12 +164,8 @@ def example_job(tmp_path: Path, example: str, name: str, model: dict | None = No
 
 def labels_job(tmp_path: Path, name: str, model: dict | None = None, **training) -> Path:
     """examples/rft-job.yaml from ``model`` (default: a fresh tiny model), gated on grader_score."""
-    path = example_job(tmp_path, "rft-job", name, model or {"fromConfig": {"size": "tiny", "vocabSize": 320}},
-                       **training)
-    doc = yaml.safe_load(path.read_text())
-    doc["spec"]["evaluation"] = {"samples": 50, "gate": {"metric": "grader_score", "mustBeat": "base"}}
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return example_job(tmp_path, "rft-job", name, model or {"fromConfig": {"size": "tiny", "vocabSize": 320}},
+                       {"samples": 50, "gate": {"metric": "grader_score", "mustBeat": "base"}}, **training)
 
 
 def run_ranks(job: Path, scratch: Path, nproc: int, timeout: int = 600) -> str:
@@ -232,7 +231,7 @@ def test_sigterm_then_resume_trains_on_the_same_prompt_batches(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_score_model_grader_asks_its_judge_for_every_sample(tmp_path):
+def test_a_score_model_grader_asks_its_judge_for_every_sample(tmp_path, chat_server):
     """A score_model grader in training: every sampled answer goes, its template filled, to the judge named in
     training.rft.judges (a real HTTP server on loopback that answers the score the message asks for; a model's
     scores could not be asserted), and each step's reward is the judge's."""
@@ -240,20 +239,14 @@ def test_a_score_model_grader_asks_its_judge_for_every_sample(tmp_path):
     lines = [json.loads(line) for line in (EXAMPLES / "rft-labels.jsonl").read_text().splitlines()[:60]]
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({**x, "points": points[x["label"]]}) + "\n" for x in lines))
-    judge = {"type": "score_model", "name": "judge", "model": "team-judge", "range": [0, 10], "input": [
-        {"role": "user", "content": "Ticket for team {{item.label}}, answer {{sample.output_text}}. REPLY:{{item.points}}"}]}
-    server = ChatServer()
-    try:
-        doc = rft_doc(str(data), str(tmp_path / "out"), {"grader": judge, "samplesPerPrompt": 2, "maxNewTokens": 2,
-                                                         "judges": {"team-judge": {"url": server.url}}},
-                      maxSteps=2, globalBatchSize=4, microBatchSize=4, evalEvery=100, checkpointEvery=100)
-        job = tmp_path / "judge.yaml"
-        job.write_text(yaml.safe_dump(doc))
-        prepare(parse_job(doc), log=lambda _: None)
-        run_ranks(job, tmp_path / "scratch", 1)
-    finally:
-        server.httpd.shutdown()
-        server.httpd.server_close()
+    grader = judge("Ticket for team {{item.label}}, answer {{sample.output_text}}. REPLY:{{item.points}}")
+    doc = rft_doc(str(data), str(tmp_path / "out"), {"grader": grader, "samplesPerPrompt": 2, "maxNewTokens": 2,
+                                                     "judges": {grader["model"]: {"url": chat_server.url}}},
+                  maxSteps=2, globalBatchSize=4, microBatchSize=4, evalEvery=100, checkpointEvery=100)
+    job = tmp_path / "judge.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    prepare(parse_job(doc), log=lambda _: None)
+    run_ranks(job, tmp_path / "scratch", 1)
     train = [json.loads(x) for x in (tmp_path / "out" / "prepared" / "train.jsonl").read_text().splitlines()]
     plan = make_plan(len(train), 4, 4, 1, 3, 2)
     rows = list(csv.DictReader((tmp_path / "out" / "metrics.csv").open()))
@@ -261,6 +254,6 @@ def test_a_score_model_grader_asks_its_judge_for_every_sample(tmp_path):
     for step, row in enumerate(rows):
         expected = sum(train[int(i)]["item"]["points"] for i in step_rows(plan, 42, step)) / 4
         assert float(row["reward_mean"]) == pytest.approx(expected)  # each sample scored by the judge's reply
-    asked = [r for r in server.requests if r["path"] == "/v1/chat/completions"]
-    assert len(asked) >= 2 * 4 * 2 and asked[0]["body"]["model"] == "team-judge" and asked[0]["auth"] is None
-    assert asked[0]["body"]["messages"][0]["content"].startswith("Ticket for team ")
+    asked = [r for r in chat_server.requests if r["path"] == "/v1/chat/completions"]
+    assert len(asked) >= 2 * 4 * 2 and asked[0]["body"]["model"] == grader["model"] and asked[0]["auth"] is None
+    assert asked[0]["body"]["messages"][-1]["content"].startswith("Ticket for team ")
